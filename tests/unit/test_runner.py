@@ -6,6 +6,7 @@ Addresses: none (no network).
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -15,11 +16,10 @@ from kubelab.proxy.runner import BoundedFrequencyRunner, FakeClock, MonotonicClo
 def arun(fn):
     """Run an async test function in a fresh event loop (no pytest-asyncio needed)."""
 
+    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return asyncio.run(fn(*args, **kwargs))
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__wrapped__ = fn
     return wrapper
 
 
