@@ -1,0 +1,495 @@
+"""The cluster DNS responder: a Provider fed by a source, serving UDP and TCP.
+
+:class:`ClusterDNS` receives Service/EndpointSlice/Pod events (it is a
+:class:`kubelab.proxy.provider.Provider`), keeps a :class:`ClusterIndex`,
+and answers queries:
+
+* hot path (:meth:`ClusterDNS.answer_fast`): parse the question by hand,
+  find a prebuilt :class:`~kubelab.dns.wire.Template` keyed by the
+  lowercased question, stamp ID/flags/question/OPT, done;
+* slow path (:meth:`ClusterDNS.answer_slow`): everything else -- first sight
+  of a question (computed by :class:`~kubelab.dns.answer.Responder` and kept
+  as a template), odd packets (dnspython parses them; garbage gets FORMERR or
+  is dropped), forwarding with the cache, ExternalName targets, autopath.
+
+Recursion (forwarding) is served only to clients inside ``recursion_cidrs``;
+others get REFUSED, as CoreDNS's *acl* plugin would answer them.  Cluster
+names are answered to everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+
+from kubelab.dns import wire
+from kubelab.dns.answer import Reply, Responder, Settings, in_zone, render
+from kubelab.dns.forward import Forwarder
+from kubelab.dns.index import ClusterIndex
+from kubelab.dns.metrics import P_AUTOPATH, P_CACHE, P_FORWARD, P_KUBERNETES, P_NONE, DNSCounters
+from kubelab.model import EndpointSlice, Pod, Service
+from kubelab.proxy.provider import Provider
+
+DEFAULT_RECURSION_CIDRS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+MAX_TEMPLATES = 200_000  # prebuilt answers kept before the store is dropped and rebuilt on demand
+TCP_IDLE_TIMEOUT = 10.0  # CoreDNS: idle timeout of a TCP connection
+
+
+@dataclass
+class DNSConfig:
+    """Everything a :class:`ClusterDNS` is built from."""
+
+    settings: Settings = field(default_factory=Settings)
+    recursion_cidrs: tuple[str, ...] = DEFAULT_RECURSION_CIDRS
+    autopath: bool = False
+    autopath_search: tuple[str, ...] = ()  # the server's own search path, appended after the cluster ones
+
+
+class ClusterDNS(Provider):
+    """Cluster DNS: index + answers + forwarding, without sockets (see :class:`DNSServer`)."""
+
+    def __init__(self, config: DNSConfig, logger: logging.Logger, *, forwarder: Forwarder | None = None, counters: DNSCounters | None = None) -> None:
+        self.config = config
+        self.log = logger
+        s = config.settings
+        self.index = ClusterIndex(keep_pods=s.pods == "verified" or config.autopath)
+        self.responder = Responder(self.index, s)
+        self.forwarder = forwarder
+        self.counters = counters if counters is not None else DNSCounters()
+        self.templates: dict[bytes, wire.Template] = {}
+        self.plugin_of: dict[bytes, int] = {}
+        self.autopath_templates: dict[bytes, wire.Template] = {}
+        self._gen = -1
+        self._nets = [ipaddress.ip_network(c, strict=False) for c in config.recursion_cidrs]
+        self._allowed: dict[str, bool] = {}
+        zone_wire = wire.text_to_wire(s.zone)
+        self._svc_zone_wire = b"\x03svc" + zone_wire
+
+    # -- Provider ------------------------------------------------------------
+
+    def on_service_add(self, service: Service) -> None:
+        self.index.set_service(service)
+
+    def on_service_update(self, old: Service, new: Service) -> None:
+        if (old.namespace, old.name) != (new.namespace, new.name):
+            self.index.delete_service(old)
+        self.index.set_service(new)
+
+    def on_service_delete(self, service: Service) -> None:
+        self.index.delete_service(service)
+
+    def on_services_synced(self) -> None:
+        if not self.index.services_synced:
+            self.index.services_synced = True
+            self.index._changed()
+            self.log.info("services synced (%d)", len(self.index.services))
+
+    def on_endpoint_slice_add(self, slice_: EndpointSlice) -> None:
+        self.index.set_slice(slice_)
+
+    def on_endpoint_slice_update(self, old: EndpointSlice, new: EndpointSlice) -> None:
+        if (old.namespace, old.name, old.service_name) != (new.namespace, new.name, new.service_name):
+            self.index.delete_slice(old)
+        self.index.set_slice(new)
+
+    def on_endpoint_slice_delete(self, slice_: EndpointSlice) -> None:
+        self.index.delete_slice(slice_)
+
+    def on_endpoint_slices_synced(self) -> None:
+        if not self.index.endpoints_synced:
+            self.index.endpoints_synced = True
+            self.index._changed()
+            self.log.info("endpoint slices synced (%d services with endpoints)", len(self.index.slices))
+
+    def on_pod_add(self, pod: Pod) -> None:
+        self.index.set_pod(pod)
+
+    def on_pod_update(self, old: Pod, new: Pod) -> None:
+        if (old.namespace, old.name) != (new.namespace, new.name):
+            self.index.delete_pod(old)
+        self.index.set_pod(new)
+
+    def on_pod_delete(self, pod: Pod) -> None:
+        self.index.delete_pod(pod)
+
+    def on_pods_synced(self) -> None:
+        self.index.pods_synced = True
+
+    @property
+    def ready(self) -> bool:
+        return self.index.synced
+
+    # -- answering -----------------------------------------------------------
+
+    def _fresh(self) -> None:
+        if self._gen != self.index.generation:
+            self.templates.clear()
+            self.plugin_of.clear()
+            self.autopath_templates.clear()
+            self._gen = self.index.generation
+
+    def recursion_allowed(self, ip: str) -> bool:
+        ok = self._allowed.get(ip)
+        if ok is None:
+            try:
+                a = ipaddress.ip_address(ip.split("%", 1)[0])
+                if a.version == 6 and a.ipv4_mapped is not None:
+                    a = a.ipv4_mapped
+                ok = any(a in n for n in self._nets)
+            except ValueError:
+                ok = False
+            if len(self._allowed) > 10000:
+                self._allowed.clear()
+            self._allowed[ip] = ok
+        return ok
+
+    def _autopath_ns(self, client_ip: str, q: wire.Query) -> str | None:
+        """The client pod's namespace when autopath applies to this question (cheap wire check)."""
+        ns = self.index.pod_namespace_for_ip(client_ip)
+        if ns is None:
+            return None
+        if not q.name_wire.endswith(bytes((len(ns),)) + ns.encode() + self._svc_zone_wire):
+            return None
+        return ns
+
+    def answer_fast(self, data: bytes, client_ip: str, tcp: bool):
+        """(answer, qtype) from a prebuilt template, or False when the slow path is needed."""
+        q = wire.parse_query(data)
+        if q is None:
+            return False
+        if self._gen != self.index.generation:
+            self._fresh()
+        if self.config.autopath and self._autopath_ns(client_ip, q) is not None:
+            t = self.autopath_templates.get(q.key)
+        else:
+            t = self.templates.get(q.key)
+        if t is None or q.edns_version:
+            return False
+        return t.stamp(data, q, 65535 if tcp else (q.edns if q.edns > 0 else wire.MIN_UDP_SIZE)), q.qtype
+
+    async def answer_slow(self, data: bytes, client_ip: str, tcp: bool) -> tuple[bytes | None, int, int, int]:
+        """(response or None to drop, qtype, rcode, plugin) for any packet."""
+        q = wire.parse_query(data)
+        if q is None:
+            data, q, bad = _canonical_query(data)
+            if q is None:
+                if bad is None:
+                    return None, 0, 0, P_NONE
+                return bad, 0, bad[3] & 0xF, P_NONE
+        if q.edns_version:
+            # RFC 6891 6.1.3: unknown EDNS version -> BADVERS (extended rcode 16 = 1 in the OPT TTL's top byte).
+            resp = wire.error_response(data, 0) or b""
+            if resp:
+                resp = resp[:10] + b"\x00\x01" + resp[12:] + b"\x00\x00\x29\x04\xd0\x01\x00\x00\x00\x00\x00"
+            return resp, q.qtype, wire.BADVERS, P_NONE
+        self._fresh()
+        limit = 65535 if tcp else (q.edns if q.edns > 0 else wire.MIN_UDP_SIZE)
+        qname = wire.name_to_text(q.name_wire).lower()
+        if q.qclass not in (wire.CLASS_IN, wire.TYPE_ANY):
+            return wire.error_response(data, wire.REFUSED), q.qtype, wire.REFUSED, P_NONE
+
+        ap_ns = self._autopath_ns(client_ip, q) if self.config.autopath else None
+        if ap_ns is not None and in_zone(qname, f"{ap_ns}.svc.{self.config.settings.zone}"):
+            return await self._autopath(data, q, qname, ap_ns, client_ip, tcp, limit)
+
+        reply = self.responder.answer(qname, q.qtype)
+        if reply.forward:
+            return await self._forward(data, q, client_ip, tcp)
+        if reply.needs:
+            reply = await self._with_upstream(qname, q.qtype, reply, client_ip, tcp)
+        t = self._template(q, reply)
+        if not reply.dynamic and len(self.templates) < MAX_TEMPLATES:
+            self.templates[q.key] = t
+        return t.stamp(data, q, limit), q.qtype, reply.rcode, P_KUBERNETES
+
+    def _template(self, q: wire.Query, reply: Reply) -> wire.Template:
+        return wire.template_from_wire(render(reply, q.name_wire, q.qtype, q.qclass))
+
+    async def _with_upstream(self, qname: str, qtype: int, reply: Reply, client_ip: str, tcp: bool) -> Reply:
+        upstream: dict = {}
+        allowed = self.recursion_allowed(client_ip) and self.forwarder is not None
+        for name, t in reply.needs:
+            upstream[(name, t)] = await self.forwarder.lookup(name, t, tcp=tcp) if allowed else _refused_msg(name, t)
+        return self.responder.answer(qname, qtype, upstream)
+
+    async def _forward(self, data: bytes, q: wire.Query, client_ip: str, tcp: bool):
+        if self.forwarder is None or not self.forwarder.upstreams or not self.recursion_allowed(client_ip):
+            return wire.error_response(data, wire.REFUSED), q.qtype, wire.REFUSED, P_NONE
+        before = self.forwarder.cache.stats.misses
+        resp = await self.forwarder.query(data, q.key, q.qend, tcp=tcp)
+        plugin = P_FORWARD if self.forwarder.cache.stats.misses != before else P_CACHE
+        if resp is None:
+            return wire.error_response(data, wire.SERVFAIL), q.qtype, wire.SERVFAIL, P_NONE
+        return resp, q.qtype, resp[3] & 0xF, plugin
+
+    async def _autopath(self, data, q, qname, ns, client_ip, tcp, limit):
+        """CoreDNS autopath: walk the pod's search path on the server, CNAME the asked name to the found one."""
+        import dns.message
+        import dns.name
+        import dns.rrset
+
+        zone = self.config.settings.zone
+        first = f"{ns}.svc.{zone}"
+        base = qname[: -len(first) - 1] if qname != first else ""
+        search = [first, f"svc.{zone}", zone, *self.config.autopath_search, ""]
+        orig = wire.name_to_text(q.name_wire)  # the asker's spelling
+        first_reply = None
+        dynamic = False
+        for s in search:
+            if not base:
+                break
+            name = f"{base}.{s}" if s else f"{base}."
+            reply = self.responder.answer(name, q.qtype)
+            if reply.forward:
+                dynamic = True
+                if self.forwarder is None or not self.recursion_allowed(client_ip):
+                    msg = _refused_msg(name, q.qtype)
+                else:
+                    msg = await self.forwarder.lookup(name, q.qtype, tcp=tcp)
+                if msg is None:
+                    continue  # a forwarding failure writes nothing: try the next element
+            else:
+                if reply.needs:
+                    reply = await self._with_upstream(name, q.qtype, reply, client_ip, tcp)
+                    dynamic = True
+                qw = wire.text_to_wire(name)
+                msg = dns.message.from_wire(render(reply, qw, q.qtype, q.qclass))
+            if first_reply is None:
+                first_reply = msg
+            if msg.rcode() == wire.NXDOMAIN:
+                continue
+            # cnamer: prefix a CNAME from the asked name to the first answer's owner.
+            origname = dns.name.from_text(orig)
+            for rrset in msg.answer:
+                if rrset.name != origname:
+                    c = dns.rrset.from_text(origname, rrset.ttl, "IN", "CNAME", rrset.name.to_text())
+                    msg.answer.insert(0, c)
+                    break
+            msg.question = [dns.rrset.RRset(origname, q.qclass, q.qtype)]
+            self.counters.autopath_success += 1
+            return self._finish_autopath(data, q, msg, limit, dynamic)
+        if first_reply is None:
+            return wire.error_response(data, wire.SERVFAIL), q.qtype, wire.SERVFAIL, P_AUTOPATH
+        first_reply.question = [dns.rrset.RRset(dns.name.from_text(orig), q.qclass, q.qtype)]
+        # The client keeps walking itself: answer with the first element's reply, under the asked name.
+        return self._finish_autopath(data, q, first_reply, limit, dynamic)
+
+    def _finish_autopath(self, data, q, msg, limit, dynamic):
+        msg.id = 0
+        msg.use_edns(False)
+        raw = msg.to_wire(max_size=65535)
+        t = wire.template_from_wire(raw)
+        if not dynamic and len(self.autopath_templates) < MAX_TEMPLATES:
+            self.autopath_templates[q.key] = t
+        return t.stamp(data, q, limit), q.qtype, t.rcode, P_AUTOPATH
+
+
+def _refused_msg(name: str, qtype: int):
+    import dns.message
+
+    m = dns.message.make_response(dns.message.make_query(name, qtype))
+    m.set_rcode(wire.REFUSED)
+    return m
+
+
+def _canonical_query(data: bytes) -> tuple[bytes, wire.Query | None, bytes | None]:
+    """Parse an unusual packet with dnspython and rebuild it as a plain query.
+
+    Returns (canonical bytes, Query, None) when it is a query we can answer,
+    (data, None, error reply) for FORMERR/NOTIMP, (data, None, None) to drop.
+    """
+    import dns.exception
+    import dns.message
+    import dns.opcode
+
+    if len(data) < 12 or data[2] & wire.QR:
+        return data, None, None
+    opcode = (data[2] >> 3) & 0xF
+    if opcode != dns.opcode.QUERY:
+        return data, None, wire.error_response(data, wire.NOTIMP, with_question=False)
+    try:
+        m = dns.message.from_wire(data, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError, IndexError, struct.error, UnicodeError):
+        return data, None, wire.error_response(data, wire.FORMERR, with_question=False)
+    if len(m.question) != 1:
+        return data, None, wire.error_response(data, wire.FORMERR, with_question=False)
+    qq = m.question[0]
+    qwire = qq.name.to_wire()
+    head = data[:4] + struct.pack("!HHHH", 1, 0, 0, 1 if m.edns >= 0 else 0)
+    body = qwire + struct.pack("!HH", qq.rdtype, qq.rdclass)
+    if m.edns >= 0:
+        do = bool(m.ednsflags & 0x8000)
+        body += b"\x00\x00\x29" + struct.pack("!H", max(m.payload, 1)) + bytes((0, m.edns)) + (b"\x80\x00" if do else b"\x00\x00") + b"\x00\x00"
+    canon = head + body
+    q = wire.parse_query(canon)
+    if q is None:
+        return data, None, wire.error_response(data, wire.FORMERR, with_question=False)
+    return canon, q, None
+
+
+# -- sockets ---------------------------------------------------------------------
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, dns_: ClusterDNS) -> None:
+        self.dns = dns_
+        self.transport = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        t0 = time.perf_counter_ns()
+        d = self.dns
+        try:
+            out = d.answer_fast(data, addr[0], False)
+        except Exception:  # noqa: BLE001 - never let one packet stop the server
+            d.log.exception("answering a UDP packet from %s", addr[0])
+            out = False
+        if out is False:
+            task = asyncio.ensure_future(self._slow(data, addr, t0))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        out, qtype = out
+        self.transport.sendto(out, addr)
+        d.counters.observe("udp", 2 if len(addr) > 2 else 1, qtype, out[3] & 0xF, P_KUBERNETES, time.perf_counter_ns() - t0)
+
+    async def _slow(self, data: bytes, addr, t0: int) -> None:
+        d = self.dns
+        try:
+            out, qtype, rcode, plugin = await d.answer_slow(data, addr[0], False)
+        except Exception:  # noqa: BLE001
+            d.log.exception("answering a UDP packet from %s", addr[0])
+            out = wire.error_response(data, wire.SERVFAIL)
+            qtype, rcode, plugin = 0, wire.SERVFAIL, P_NONE
+        if out is None:
+            d.counters.dropped += 1
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(out, addr)
+        d.counters.observe("udp", 2 if len(addr) > 2 else 1, qtype, rcode, plugin, time.perf_counter_ns() - t0)
+
+    def error_received(self, exc) -> None:
+        pass
+
+
+class _TCP(asyncio.Protocol):
+    """DNS over TCP: 2-byte length framing, pipelined queries answered in order of completion."""
+
+    def __init__(self, dns_: ClusterDNS, conns: set) -> None:
+        self.dns = dns_
+        self.buf = bytearray()
+        self.transport = None
+        self.peer = ("", 0)
+        self.conns = conns
+        self.idle: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername") or ("", 0)
+        self.conns.add(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(TCP_IDLE_TIMEOUT, self._close)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.conns.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        for t in self.tasks:
+            t.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > 1 << 20:
+            self._close()
+            return
+        self._arm()
+        while len(self.buf) >= 2:
+            n = (self.buf[0] << 8) | self.buf[1]
+            if len(self.buf) < 2 + n:
+                break
+            msg = bytes(self.buf[2 : 2 + n])
+            del self.buf[: 2 + n]
+            t0 = time.perf_counter_ns()
+            d = self.dns
+            try:
+                out = d.answer_fast(msg, self.peer[0], True)
+            except Exception:  # noqa: BLE001
+                d.log.exception("answering a TCP message from %s", self.peer[0])
+                out = False
+            if out is False:
+                task = asyncio.ensure_future(self._slow(msg, t0))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            else:
+                out, qtype = out
+                self._send(out)
+                d.counters.observe("tcp", 2 if len(self.peer) > 2 else 1, qtype, out[3] & 0xF, P_KUBERNETES, time.perf_counter_ns() - t0)
+
+    def _send(self, out: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(struct.pack("!H", len(out)) + out)
+
+    async def _slow(self, msg: bytes, t0: int) -> None:
+        d = self.dns
+        try:
+            out, qtype, rcode, plugin = await d.answer_slow(msg, self.peer[0], True)
+        except Exception:  # noqa: BLE001
+            d.log.exception("answering a TCP message from %s", self.peer[0])
+            out, qtype, rcode, plugin = wire.error_response(msg, wire.SERVFAIL), 0, wire.SERVFAIL, P_NONE
+        if out is None:
+            d.counters.dropped += 1
+            return
+        self._send(out)
+        d.counters.observe("tcp", 2 if len(self.peer) > 2 else 1, qtype, rcode, plugin, time.perf_counter_ns() - t0)
+
+
+class DNSServer:
+    """UDP and TCP listeners for one :class:`ClusterDNS` (started by :meth:`start`, not the constructor)."""
+
+    def __init__(self, dns_: ClusterDNS, listen: list[tuple[str, int]], *, reuse_port: bool = False) -> None:
+        self.dns = dns_
+        self.listen = listen
+        self.reuse_port = reuse_port
+        self._udp: list = []
+        self._tcp: list = []
+        self._conns: set = set()
+        self.addresses: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.listen:
+            tr, _ = await loop.create_datagram_endpoint(lambda: _UDP(self.dns), local_addr=(host, port), reuse_port=self.reuse_port or None)
+            sock = tr.get_extra_info("sockname")
+            self._udp.append(tr)
+            # TCP on the same port as UDP (the OS picks one when port is 0).
+            srv = await loop.create_server(lambda: _TCP(self.dns, self._conns), host=host, port=sock[1], reuse_port=self.reuse_port or None)
+            self._tcp.append(srv)
+            self.addresses.append((sock[0], sock[1]))
+
+    async def stop(self) -> None:
+        for tr in self._udp:
+            tr.close()
+        for srv in self._tcp:
+            srv.close()
+        for c in list(self._conns):
+            c._close()
+        for srv in self._tcp:
+            await srv.wait_closed()
+        self._udp.clear()
+        self._tcp.clear()
