@@ -73,7 +73,10 @@ def _now() -> str:
 def _parse(raw: dict, origin: Origin):
     # Imported here: the objects module is the foundation room's, and only
     # the code paths that load manifests need it.
-    from kubelab.proxy.objects import ObjectError, parse_object
+    try:
+        from kubelab.proxy.objects import ObjectError, parse_object
+    except ImportError:  # until the foundation module lands
+        from kubelab.netlab._interim_objects import ObjectError, parse_object
 
     try:
         return parse_object(raw, origin), None
