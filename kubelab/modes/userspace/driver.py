@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import struct
+from _socket import socket as _rawsocket  # the C socket type: no Python wrapper, no enum conversions
 from dataclasses import dataclass, field
 from kubelab.model import ServicePortName
 from kubelab.modes.userspace.loadbalancer import LoadBalancerRR, NoEndpointsError
@@ -234,6 +235,7 @@ class TcpServicePort:
         self.relay = relay
         self.name = name
         family = socket.AF_INET6 if ":" in listen_ip else socket.AF_INET
+        self.family = family
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -270,7 +272,7 @@ class TcpServicePort:
             if relay.at_limit or self.closed:
                 return
             try:
-                csock, caddr = self.sock.accept()
+                fd, caddr = self.sock._accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -291,6 +293,8 @@ class TcpServicePort:
                 relay.log.error("userspace: accept on %s failed: %s", self.name, e)
                 return
             relay.stats.accepted += 1
+            # Family, type and protocol given: no getsockname/getsockopt calls.
+            csock = _rawsocket(self.family, socket.SOCK_STREAM, 0, fd)
             TcpConnection(self, csock, caddr[0]).dial()
 
     def endpoints_changed(self, current: set[str]) -> None:
@@ -394,13 +398,20 @@ class _Dir(Flow):
                 self.wrote(n)
                 self.stalled = False
         if self.should_shutdown:
+            conn = self.conn
+            self.shut()
+            if conn.done_dirs:
+                # The other direction finished already: close() both sockets
+                # sends this FIN too (both receive queues are empty, so no
+                # RST), one system call fewer per connection.
+                conn.dir_done()
+                return
             try:
                 self.dsock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the peer is gone; the other direction will notice
-            self.shut()
             self._sync()
-            self.conn.dir_done()
+            conn.dir_done()
             return
         self._sync()
 
@@ -487,8 +498,7 @@ class TcpConnection:
             self.tried.add(ep)
             self.endpoint = ep
             host, port = split_endpoint(ep)
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
+            s = _rawsocket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             err = s.connect_ex((host, port))
             if err == 0:
                 self.bsock, self.bfd = s, s.fileno()
@@ -552,8 +562,12 @@ class TcpConnection:
         self.up = _Dir(self, self.cfd, self.bsock, pu, cap)
         self.down = _Dir(self, self.bfd, self.csock, pd, cap)
         self.port.by_endpoint.setdefault(self.endpoint, set()).add(self)
-        self.up._sync()
-        self.down._sync()
+        # The client usually spoke already (an HTTP request): move it now
+        # rather than after another trip through the event loop.
+        self.up.on_readable()
+        if self.open:
+            self.up._sync()
+            self.down._sync()
 
     def dir_done(self) -> None:
         self.done_dirs += 1
