@@ -142,3 +142,91 @@ def synthetic_cluster(n_services: int, n_pods: int, *, namespaces: int = 50) -> 
     while pod_i < n_pods:
         yield pod("idle", f"p{pod_i}", f"10.200.{(pod_i // 250) % 256}.{pod_i % 250 + 1}")
         pod_i += 1
+
+
+class ThreadedServer:
+    """A :class:`~kubelab.dns.server.ClusterDNS` serving UDP+TCP from a background thread (tests, benchmarks).
+
+    ``with ThreadedServer(config, objects, listen=[("127.0.0.1", 0)]) as s:``
+    then ``s.port``; ``s.call(fn)`` runs ``fn(dns)`` on the server's loop
+    (object events must be fed there, like a source would).
+    """
+
+    def __init__(self, config, services=(), slices=(), pods=(), *, listen=(("127.0.0.1", 0),), upstreams=(), sync: bool = True, logger=None) -> None:
+        import logging
+
+        self.config = config
+        self.objects = (list(services), list(slices), list(pods))
+        self.listen = list(listen)
+        self.upstreams = list(upstreams)
+        self.sync = sync
+        self.log = logger or logging.getLogger("kubelab.dns.test")
+        self.loop = None
+        self.thread = None
+        self.dns = None
+        self.addresses: list[tuple[str, int]] = []
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def __enter__(self):
+        import asyncio
+        import threading
+
+        import uvloop
+
+        from kubelab.dns.forward import Forwarder
+        from kubelab.dns.server import ClusterDNS, DNSServer
+
+        self.loop = uvloop.new_event_loop()
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        async def start():
+            self.dns = ClusterDNS(self.config, self.log, forwarder=Forwarder(self.upstreams, timeout=1.0))
+            feed(self.dns, *self.objects, sync=self.sync)
+            self.server = DNSServer(self.dns, self.listen)
+            await self.server.start()
+            self.addresses = self.server.addresses
+
+        def main():
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(start())
+            except BaseException as e:  # noqa: BLE001 - reported to the caller
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, name="kubelab-dns-test", daemon=True)
+        self.thread.start()
+        ready.wait(30)
+        if errors:
+            raise errors[0]
+        return self
+
+    def call(self, fn):
+        """Run ``fn(dns)`` on the server loop and return its result."""
+        import asyncio
+
+        async def run():
+            return fn(self.dns)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(30)
+
+    def __exit__(self, *exc) -> None:
+        import asyncio
+
+        async def stop():
+            await self.server.stop()
+            self.dns.forwarder.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
