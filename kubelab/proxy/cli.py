@@ -215,14 +215,34 @@ def filter_node_ips(addresses: Iterable[str], nodeport_addresses: tuple[str, ...
 # ---------------------------------------------------------------- running
 
 
-def _load_dataplane(args: argparse.Namespace, config: ProxyConfig, deps: Any) -> Any:
-    if args.mode_class:
-        module_name, _, class_name = args.mode_class.partition(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        return cls(deps)
-    from kubelab.modes import make_mode
+class UsageError(Exception):
+    """A problem with how kubelab proxy was invoked; the message says how to fix it."""
 
-    return make_mode(config.proxy_mode, deps)
+
+def _load_dataplane(args: argparse.Namespace, config: ProxyConfig, deps: Any) -> Any:
+    try:
+        if args.mode_class:
+            module_name, _, class_name = args.mode_class.partition(":")
+            cls = getattr(importlib.import_module(module_name), class_name)
+            return cls(deps)
+        from kubelab.modes import make_mode
+
+        return make_mode(config.proxy_mode, deps)
+    except ImportError as e:
+        raise UsageError(
+            f"the {args.mode_class or config.proxy_mode} proxy mode is not available in this build ({e}); "
+            "pick another --proxy-mode"
+        ) from None
+
+
+def _check_source_args(args: argparse.Namespace) -> None:
+    if not (args.source or args.kubeconfig or args.in_cluster):
+        raise UsageError(
+            "no source of objects: give --source PATH (a manifest file or folder), "
+            "or --kubeconfig FILE / --in-cluster for an API server"
+        )
+    if args.source and (args.kubeconfig or args.in_cluster):
+        raise UsageError("give either --source PATH or --kubeconfig/--in-cluster, not both")
 
 
 def _make_source(args: argparse.Namespace, handlers: list, logger: logging.Logger) -> Any:
@@ -230,17 +250,15 @@ def _make_source(args: argparse.Namespace, handlers: list, logger: logging.Logge
         try:
             kube = importlib.import_module("kubelab.proxy.sources.kube")
         except ImportError as e:
-            raise SystemExit(
-                "kubelab proxy: error: the API server source (--kubeconfig/--in-cluster) is not available yet "
+            raise UsageError(
+                "the API server source (--kubeconfig/--in-cluster) is not available yet "
                 f"in this build ({e}); use --source PATH with manifest files"
             ) from None
         return kube.KubeSource(kubeconfig=args.kubeconfig, in_cluster=args.in_cluster, handlers=handlers, logger=logger)
-    if not args.source:
-        raise SystemExit(
-            "kubelab proxy: error: no source of objects: give --source PATH (a manifest file or folder), "
-            "or --kubeconfig FILE / --in-cluster for an API server"
-        )
-    from kubelab.proxy.sources.files import FilesSource
+    try:
+        from kubelab.proxy.sources.files import FilesSource
+    except ImportError as e:
+        raise UsageError(f"the manifest files source is not available in this build ({e})") from None
 
     return FilesSource(args.source, handlers, logger)
 
@@ -255,16 +273,14 @@ def _setup_logging(verbosity: int) -> None:
     root.propagate = False
 
 
-async def serve(args: argparse.Namespace, config: ProxyConfig) -> int:
+async def serve(args: argparse.Namespace, config: ProxyConfig, node: NodeInfo) -> int:
     """Build everything, run until SIGTERM/SIGINT (or the one-shot dry run ends)."""
     from kubelab.proxy.controller import ProxyController
     from kubelab.proxy.health import MetricsServer, ProxierHealthServer
     from kubelab.proxy.metrics import ProxyMetrics
     from kubelab.proxy.provider import ModeDeps
 
-    name = node_name(config)
-    ips = filter_node_ips(kernel_addresses(), config.nodeport_addresses)
-    node = NodeInfo(name=name, ips=ips)
+    name, ips = node.name, node.ips
     metrics = ProxyMetrics()
     deps = ModeDeps(config=config, node=node, logger=log, metrics=metrics, dry_run=args.dry_run, out=sys.stdout)
     dataplane = _load_dataplane(args, config, deps)
@@ -337,16 +353,23 @@ def run(args: argparse.Namespace) -> int:
     if args.watch and not args.dry_run:
         print("kubelab proxy: error: --watch only makes sense with --dry-run", file=sys.stderr)
         return 2
-    if args.cleanup:
-        from kubelab.proxy.provider import ModeDeps
-
-        deps = ModeDeps(config=config, node=NodeInfo(name=node_name(config)), logger=log)
-        _load_dataplane(args, config, deps).cleanup()
-        log.info("cleaned up %s mode state", config.proxy_mode)
-        return 0
     try:
+        if args.cleanup:
+            from kubelab.proxy.provider import ModeDeps
+
+            deps = ModeDeps(config=config, node=NodeInfo(name=node_name(config)), logger=log)
+            _load_dataplane(args, config, deps).cleanup()
+            log.info("cleaned up %s mode state", config.proxy_mode)
+            return 0
+        _check_source_args(args)
+        # Read the kernel's addresses before the event loop starts: pyroute2's
+        # synchronous API runs a loop of its own.
+        node = NodeInfo(name=node_name(config), ips=filter_node_ips(kernel_addresses(), config.nodeport_addresses))
         with _event_loop_runner() as runner:
-            return runner.run(serve(args, config))
+            return runner.run(serve(args, config, node))
+    except UsageError as e:
+        print(f"kubelab proxy: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"kubelab proxy: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,343 @@
+"""``kubelab proxy`` end to end, as a subprocess: files source -> controller -> dataplane, plus curl.
+
+Runs ``python -m kubelab proxy`` on a temp folder of manifests with the
+EchoDataplane (tests/unit/test_proxy_cli_mode.py, loaded via --mode-class),
+edits the folder and waits for the next sync's output, and asks /metrics and
+/healthz with the real ``curl``.  No root needed: nothing touches the kernel.
+
+Addresses: 127.0.0.1 (metrics/healthz servers on free ports); 172.30.0.0/16
+(cluster IPs) and 10.244.0.0/16 (endpoints) appear only as data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+WAIT = 60.0  # generous: CI shares 2 cores with other suites; nothing is timed
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+  labels:
+    app: web
+spec:
+  type: ClusterIP
+  clusterIP: 172.30.0.10
+  clusterIPs:
+  - 172.30.0.10
+  ipFamilies:
+  - IPv4
+  ipFamilyPolicy: SingleStack
+  internalTrafficPolicy: Cluster
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: 8080
+  sessionAffinity: None
+status:
+  loadBalancer: {}
+"""
+
+SLICE = """\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: default
+  labels:
+    kubernetes.io/service-name: web
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+addressType: IPv4
+endpoints:
+- addresses:
+  - 10.244.1.5
+  conditions:
+    ready: true
+    serving: true
+    terminating: false
+  nodeName: node-1
+- addresses:
+  - 10.244.2.7
+  conditions:
+    ready: true
+    serving: true
+    terminating: false
+  nodeName: node-2
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"""
+
+DB = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: default
+spec:
+  clusterIP: 172.30.0.20
+  clusterIPs: [172.30.0.20]
+  ports:
+  - name: pg
+    port: 5432
+    protocol: TCP
+    targetPort: 5432
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: db
+addressType: IPv4
+endpoints:
+- addresses: [10.244.3.3]
+  conditions: {ready: true}
+ports:
+- name: pg
+  port: 5432
+  protocol: TCP
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kubelab(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kubelab", "proxy", *args], capture_output=True, text=True, env=_env(), timeout=timeout
+    )
+
+
+class Proxy:
+    """A running ``kubelab proxy``; stdout and stderr lines are collected by threads."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubelab", "proxy", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        self.out: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False), daemon=True).start()
+
+    def _pump(self, stream, sink, to_queue):
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+            if to_queue:
+                self.out.put(line.rstrip("\n"))
+
+    def wait_for_render(self, predicate, what: str) -> list[str]:
+        """Collect stdout into renders (split at the watch header) until one satisfies predicate."""
+        deadline = time.monotonic() + WAIT
+        render: list[str] = []
+        while time.monotonic() < deadline:
+            try:
+                line = self.out.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                if render and predicate(render):
+                    return render
+                continue
+            if line.startswith("# kubelab proxy --dry-run: sync"):
+                if render and predicate(render):
+                    return render
+                render = []
+                continue
+            render.append(line)
+        if render and predicate(render):
+            return render
+        raise AssertionError(f"no sync with {what} within {WAIT}s; stdout={self.stdout[-20:]} stderr={self.stderr[-20:]}")
+
+    def wait_for_log(self, text: str) -> str:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            for line in list(self.stderr):
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no log line with {text!r}; stderr={self.stderr[-30:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return -9
+        return self.proc.returncode
+
+
+def curl(url: str) -> tuple[int, str]:
+    r = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "30", url],
+        capture_output=True, text=True, timeout=WAIT,
+    )
+    assert r.returncode == 0, r.stderr
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code), body
+
+
+@pytest.fixture
+def manifests(tmp_path):
+    d = tmp_path / "manifests"
+    d.mkdir()
+    (d / "web.yaml").write_text(SERVICE + "---\n" + SLICE)
+    return d
+
+
+MODE = ["--mode-class", "test_proxy_cli_mode:EchoDataplane"]
+
+
+def test_watch_edit_metrics_healthz(manifests):
+    mport, hport = free_port(), free_port()
+    proxy = Proxy(
+        "--source", str(manifests), "--dry-run", "--watch", *MODE, "--hostname-override", "node-1",
+        "--min-sync-period", "100ms", "--metrics-bind-address", f"127.0.0.1:{mport}",
+        "--healthz-bind-address", f"127.0.0.1:{hport}",
+    )
+    try:
+        first = proxy.wait_for_render(lambda r: any("default/web:http" in line for line in r), "the web service")
+        assert first == ["SVC default/web:http 172.30.0.10:80/TCP -> 10.244.1.5:8080 10.244.2.7:8080"]
+        proxy.wait_for_log("synced 1 services, 2 endpoints in ")
+
+        # A new file in the folder becomes a sync (no timing asserted; generous wait).
+        (manifests / "db.yaml").write_text(DB)
+        second = proxy.wait_for_render(lambda r: any("default/db:pg" in line for line in r), "the db service")
+        assert "SVC default/db:pg 172.30.0.20:5432/TCP -> 10.244.3.3:5432" in second
+        assert any("default/web:http" in line for line in second)
+
+        # An edit (one endpoint gone) and a deletion.
+        (manifests / "web.yaml").write_text(SERVICE + "---\n" + SLICE.replace("  - 10.244.2.7\n", "  - 10.244.2.8\n"))
+        proxy.wait_for_render(lambda r: any("10.244.2.8:8080" in line for line in r), "the edited endpoint")
+        (manifests / "db.yaml").unlink()
+        proxy.wait_for_render(lambda r: r and not any("default/db" in line for line in r), "db deleted")
+
+        code, body = curl(f"http://127.0.0.1:{mport}/metrics")
+        assert code == 200
+        samples = dict(
+            line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#") and " " in line
+        )
+        assert float(samples["kubeproxy_sync_proxy_rules_duration_seconds_count"]) >= 4
+        assert float(samples["kubeproxy_sync_proxy_rules_service_changes_total"]) >= 3
+        assert float(samples["kubeproxy_sync_proxy_rules_endpoint_changes_total"]) >= 3
+        assert float(samples["kubeproxy_sync_proxy_rules_last_timestamp_seconds"]) > 1.6e9
+        assert "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}" in samples
+
+        code, body = curl(f"http://127.0.0.1:{hport}/healthz")
+        health = json.loads(body)
+        assert code == 200 and set(health) == {"lastUpdated", "currentTime", "nodeEligible"}
+        assert health["nodeEligible"] is True and health["currentTime"].endswith("+0000 UTC")
+        assert curl(f"http://127.0.0.1:{hport}/livez")[0] == 200
+        assert curl(f"http://127.0.0.1:{mport}/healthz") == (200, "ok")
+        assert curl(f"http://127.0.0.1:{mport}/proxyMode") == (200, "iptables")
+    finally:
+        code = proxy.stop()
+    assert code == 0, proxy.stderr[-20:]
+
+
+def test_one_shot_dry_run_prints_and_exits(manifests):
+    r = kubelab("--source", str(manifests), "--dry-run", *MODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "SVC default/web:http 172.30.0.10:80/TCP -> 10.244.1.5:8080 10.244.2.7:8080\n"
+    assert "synced 1 services, 2 endpoints in" in r.stderr and "(full)" in r.stderr
+
+
+def test_config_file_and_flag_override(manifests, tmp_path):
+    cfg = tmp_path / "kube-proxy.yaml"
+    cfg.write_text(textwrap.dedent("""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: ipvs
+        hostnameOverride: from-file
+        iptables:
+          minSyncPeriod: 2s
+          syncPeriod: 1m0s
+        """))
+    r = kubelab("--config", str(cfg), "--proxy-mode", "iptables", "--source", str(manifests), "--dry-run", *MODE)
+    assert r.returncode == 0, r.stderr
+    assert "iptables mode on node from-file" in r.stderr and "min-sync-period 2s, sync-period 60s" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--min-sync-period", "1 minute"], 2, "invalid duration"),
+        (["--nodeport-addresses", "eth0"], 2, "'eth0' is not a CIDR"),
+        (["--masquerade-all=maybe"], 2, "invalid boolean"),
+        (["--watch"], 2, "--watch only makes sense with --dry-run"),
+        (["--dry-run"], 2, "no source of objects: give --source PATH"),
+        (["--source", ".", "--kubeconfig", "k"], 2, "not both"),
+        (["--min-sync-period", "1m", "--sync-period", "30s"], 2, "--sync-period (30s) must be greater than or equal"),
+        (["--config", "/nonexistent/kp.yaml"], 2, "cannot read --config file"),
+        (["--proxy-mode", "kernelspace"], 2, "invalid choice"),
+    ],
+    ids=["duration", "cidr", "bool", "watch", "no-source", "two-sources", "min-above-sync", "config-missing", "mode"],
+)
+def test_bad_flags_say_how_to_fix(args, code, message):
+    r = kubelab(*args)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert message in r.stderr
+
+
+def test_bad_config_file_names_file_line_field(tmp_path):
+    cfg = tmp_path / "kp.yaml"
+    cfg.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nipvs:\n  schedular: rr\n")
+    r = kubelab("--config", str(cfg), "--dry-run", "--source", str(tmp_path))
+    assert r.returncode == 2
+    assert f"{cfg}:4: unknown field 'ipvs.schedular'" in r.stderr
+
+
+def test_cleanup_calls_the_mode():
+    r = kubelab("--cleanup", *MODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ECHO cleanup\n"
+
+
+def test_help_explains():
+    r = subprocess.run([sys.executable, "-m", "kubelab", "proxy", "--help"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0
+    for text in ["--proxy-mode", "--source PATH", "--dry-run", "--metrics-bind-address", "examples:", "10249/metrics"]:
+        assert text in r.stdout
