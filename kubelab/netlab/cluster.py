@@ -189,6 +189,7 @@ class Cluster:
             "metadata": {"name": DNS_POD, "namespace": DNS_NAMESPACE, "labels": dict(DNS_LABELS)},
             "spec": {
                 "nodeName": s.nodes[0].name,
+                "dnsPolicy": "Default",
                 "containers": [
                     {
                         "name": "dns",

@@ -187,7 +187,10 @@ class LabDaemon:
 
     async def start_pod(self, pod: Pod) -> None:
         resolv = None
-        if self.settings.dns.enabled:
+        dns_policy = (self.cluster.pods[(pod.namespace, pod.name)].raw.get("spec") or {}).get("dnsPolicy", "ClusterFirst")
+        # kubelet: ClusterFirst pods resolve through the cluster DNS; "Default" ones
+        # (like the DNS pod itself, which would otherwise ask itself) use the node's.
+        if self.settings.dns.enabled and dns_policy == "ClusterFirst" and not pod.host_network:
             resolv = topology.resolv_conf(pod.namespace, self.settings.dns_cluster_ip, self.settings.cluster_domain)
         if not pod.host_network:
             await self._netcall(self.topology.build_pod, pod.namespace, pod.name, pod.node_name, pod.pod_ip, resolv)

@@ -1,0 +1,91 @@
+"""Shared fixtures for kernel tests (root, network namespaces on the host kernel).
+
+* ``lab_name`` -- a lab name unique to this test process and test, so
+  concurrent test runs (other rooms, other sessions) never collide.
+* ``make_lab`` -- ``make_lab(spec_or_path, **lab_overrides) -> Lab``: brings a
+  lab up (``kubelab.netlab.lab.Lab.up``) under a unique name and always tears
+  it down at teardown, checking nothing of it is left behind.
+* ``netns`` -- ``netns() -> name``: a bare network namespace of your own,
+  removed (with every process inside) at teardown.
+* ``leftovers(name)`` -- what remains of a lab (namespaces, /etc/netns
+  entries, processes, state dir): an empty list means clean.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+import pytest
+
+_counter = itertools.count(1)
+
+
+def _unique(prefix: str) -> str:
+    # Lab names: lowercase DNS label, at most 24 characters.
+    return f"{prefix}{os.getpid() % 100000}-{next(_counter)}"
+
+
+def leftovers(name: str) -> list[str]:
+    """Everything of lab ``name`` still present (namespaces, /etc/netns, processes, its directory)."""
+    from kubelab.netlab import nsutil, topology
+    from kubelab.netlab.lab import lab_dir
+
+    left = [f"netns {n}" for n in nsutil.names(topology.prefix(name))]
+    try:
+        left += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if n.startswith(topology.prefix(name))]
+    except FileNotFoundError:
+        pass
+    if lab_dir(name).exists():
+        left.append(str(lab_dir(name)))
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    left += [f"process {line.strip()}" for line in ps.splitlines() if str(lab_dir(name)) + " " in line + " " or f"{lab_dir(name)}/" in line]
+    return left
+
+
+@pytest.fixture
+def lab_name() -> str:
+    return _unique("t")
+
+
+@pytest.fixture
+def make_lab():
+    from kubelab.netlab.lab import Lab
+    from kubelab.netlab.spec import LabSpec
+
+    labs: list = []
+
+    def make(spec, **overrides):
+        if not isinstance(spec, LabSpec):
+            spec = LabSpec.from_file(spec, name=overrides.pop("name", None) or _unique("t"), **overrides)
+        lab = Lab.up(spec)
+        labs.append(lab)
+        return lab
+
+    yield make
+    problems = []
+    for lab in labs:
+        lab.down()
+        left = leftovers(lab.name)
+        if left:
+            problems.append(f"lab {lab.name} left behind: {left}")
+    assert not problems, problems
+
+
+@pytest.fixture
+def netns():
+    from kubelab.netlab import nsutil
+
+    made: list[str] = []
+
+    def make() -> str:
+        name = _unique("kl-test-")
+        nsutil.add(name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        nsutil.kill_pids(nsutil.pids_in(name))
+        nsutil.remove(name)
