@@ -195,22 +195,29 @@ class UserspaceProxier(Dataplane):
     def _raise_fd_limit(self) -> None:
         # A relayed connection holds 2 sockets and 2 pipes (4 fds); kube-proxy
         # raised RLIMIT_NOFILE to 64000 for the same reason.
+        # Each relayed connection holds 6 fds (2 sockets, 2 pipes); keep 1024 spare.
         want = self.options.driver.max_connections * 6 + 1024
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft >= want:
             return
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+            return
         except (ValueError, OSError):
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            except (ValueError, OSError):
-                pass
-            self.log.warning(
-                "userspace: open-files limit is %d, below the %d that %d connections need; "
-                "run as root or lower userspace_max_connections",
-                max(soft, hard), want, self.options.driver.max_connections,
-            )
+            pass
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+        fits = max(1, (soft - 1024) // 6)
+        self.log.warning(
+            "userspace: the open-files limit is %d (and cannot be raised here), too low for %d connections; "
+            "limiting relayed connections to %d. Raise the hard limit (ulimit -Hn, LimitNOFILE=) "
+            "or lower userspace_max_connections.",
+            soft, self.options.driver.max_connections, fits,
+        )
+        self.options = replace(self.options, driver=replace(self.options.driver, max_connections=fits))
 
     # -- sync ----------------------------------------------------------------
 
