@@ -52,8 +52,18 @@ class DNSConfig:
 class ClusterDNS(Provider):
     """Cluster DNS: index + answers + forwarding, without sockets (see :class:`DNSServer`)."""
 
-    def __init__(self, config: DNSConfig, logger: logging.Logger, *, forwarder: Forwarder | None = None, counters: DNSCounters | None = None) -> None:
+    def __init__(
+        self,
+        config: DNSConfig,
+        logger: logging.Logger,
+        *,
+        forwarder: Forwarder | None = None,
+        counters: DNSCounters | None = None,
+        query_log=None,
+    ) -> None:
         self.config = config
+        # Called as query_log(client_ip, name_wire, qtype, tcp) for every parsed question (traces, tests).
+        self.query_log = query_log
         self.log = logger
         s = config.settings
         self.index = ClusterIndex(keep_pods=s.pods == "verified" or config.autopath)
@@ -161,6 +171,9 @@ class ClusterDNS(Provider):
         q = wire.parse_query(data)
         if q is None:
             return False
+        if self.query_log is not None:
+            self.query_log(client_ip, data[12 : q.qend - 4], q.qtype, tcp)
+            return False  # logged once here; answered on the slow path
         if self._gen != self.index.generation:
             self._fresh()
         if self.config.autopath and self._autopath_ns(client_ip, q) is not None:

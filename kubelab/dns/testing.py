@@ -152,9 +152,12 @@ class ThreadedServer:
     (object events must be fed there, like a source would).
     """
 
-    def __init__(self, config, services=(), slices=(), pods=(), *, listen=(("127.0.0.1", 0),), upstreams=(), sync: bool = True, logger=None) -> None:
+    def __init__(
+        self, config, services=(), slices=(), pods=(), *, listen=(("127.0.0.1", 0),), upstreams=(), sync: bool = True, logger=None, query_log=None
+    ) -> None:
         import logging
 
+        self.query_log = query_log
         self.config = config
         self.objects = (list(services), list(slices), list(pods))
         self.listen = list(listen)
@@ -184,7 +187,7 @@ class ThreadedServer:
         errors: list[BaseException] = []
 
         async def start():
-            self.dns = ClusterDNS(self.config, self.log, forwarder=Forwarder(self.upstreams, timeout=1.0))
+            self.dns = ClusterDNS(self.config, self.log, forwarder=Forwarder(self.upstreams, timeout=1.0), query_log=self.query_log)
             feed(self.dns, *self.objects, sync=self.sync)
             self.server = DNSServer(self.dns, self.listen)
             await self.server.start()
