@@ -26,11 +26,13 @@ How requests travel: payloads go through files in a private work folder
 (``/tmp/kubelab-uml-*``), doorbells through a UML serial line wired to a
 pair of pipes (raw tty, short lines only -- UML's line driver stalls once a
 long line fills its input buffer).  Measured on the 2-core CI machine
-(6.1.176 UML, pyenv Python 3.11.7): boot to ready with the IPVS module set
-about 2.5 s; per-request overhead about 1 ms for :meth:`UMLKernel.python`
-(``uml.python("1")`` round trip); :meth:`UMLKernel.run` adds the kernel's
-fork+exec, about 20 ms (``uml.run(["true"])``); a fresh Python inside costs
-about 0.4 s and importing pyroute2 another 0.8 s, which is why
+(6.1.176 UML, pyenv Python 3.11.7, ``python3 -m kubelab.netlab.uml
+--measure``): boot to ready with :data:`DEFAULT_MODULES` loaded 2.6 s;
+per-request overhead 6 ms for :meth:`UMLKernel.python` (``uml.python("1")``
+round trip: hostfs file I/O plus a thread inside; the tty doorbell alone is
+0.1 ms); :meth:`UMLKernel.run` adds the UML kernel's fork+exec, 32 ms for
+``uml.run(["true"])``.  A fresh Python inside costs 0.4 s and importing
+pyroute2 another 1.0 s, which is why
 :meth:`UMLKernel.python` runs in the agent's long-lived process.
 ``python3 -m kubelab.netlab.uml --measure`` prints these figures again.
 """
