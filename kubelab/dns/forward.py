@@ -248,7 +248,8 @@ class Forwarder:
         finally:
             p.pending.pop(qid, None)
         # Check it answers our question (the same name, any case) before trusting it.
-        if len(resp) < len(data) or resp[4:6] != b"\x00\x01" or resp[12:].lower()[: _qlen(data)] != data[12:].lower()[: _qlen(data)]:
+        n = _qlen(data)
+        if resp[4:6] != b"\x00\x01" or len(resp) < 12 + n or resp[12 : 12 + n].lower() != data[12 : 12 + n].lower():
             return None
         return data[:2] + resp[2:]
 
