@@ -13,40 +13,16 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import subprocess
-
 import pytest
 
-_counter = itertools.count(1)
+from kubelab.netlab.testing import leftovers, unique_lab_name
 
-
-def _unique(prefix: str) -> str:
-    # Lab names: lowercase DNS label, at most 24 characters.
-    return f"{prefix}{os.getpid() % 100000}-{next(_counter)}"
-
-
-def leftovers(name: str) -> list[str]:
-    """Everything of lab ``name`` still present (namespaces, /etc/netns, processes, its directory)."""
-    from kubelab.netlab import nsutil, topology
-    from kubelab.netlab.lab import lab_dir
-
-    left = [f"netns {n}" for n in nsutil.names(topology.prefix(name))]
-    try:
-        left += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if n.startswith(topology.prefix(name))]
-    except FileNotFoundError:
-        pass
-    if lab_dir(name).exists():
-        left.append(str(lab_dir(name)))
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    left += [f"process {line.strip()}" for line in ps.splitlines() if str(lab_dir(name)) + " " in line + " " or f"{lab_dir(name)}/" in line]
-    return left
+__all__ = ["leftovers", "unique_lab_name"]
 
 
 @pytest.fixture
 def lab_name() -> str:
-    return _unique("t")
+    return unique_lab_name()
 
 
 @pytest.fixture
@@ -58,7 +34,7 @@ def make_lab():
 
     def make(spec, **overrides):
         if not isinstance(spec, LabSpec):
-            spec = LabSpec.from_file(spec, name=overrides.pop("name", None) or _unique("t"), **overrides)
+            spec = LabSpec.from_file(spec, name=overrides.pop("name", None) or unique_lab_name(), **overrides)
         lab = Lab.up(spec)
         labs.append(lab)
         return lab
@@ -80,7 +56,7 @@ def netns():
     made: list[str] = []
 
     def make() -> str:
-        name = _unique("kl-test-")
+        name = unique_lab_name("kl-test-")
         nsutil.add(name)
         made.append(name)
         return name
