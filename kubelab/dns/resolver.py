@@ -248,7 +248,7 @@ class Walker:
         got_nodata = got_servfail = False
         st = "HOST_NOT_FOUND"  # true if we never query
         if dots >= self.conf.ndots or trailing:
-            st = self._glibc_query(name, types, res)
+            st = self._glibc_query(_join(name, None), types, res)
             if st == "ok" or trailing:
                 res.status = st
                 return
@@ -275,7 +275,7 @@ class Walker:
                     continue
                 break
         if (dots or not searched or "no-tld-query" not in self.conf.options) and not (tried_as_is or root_on_list):
-            st = self._glibc_query(name, types, res)
+            st = self._glibc_query(_join(name, None), types, res)
             if st == "ok":
                 res.status = st
                 return
