@@ -217,7 +217,7 @@ class IPTablesProxier(Dataplane):
             node_ip=deps.node.ips[0] if deps.node.ips else "",
             random_fully=True,
         )
-        self.renderer = Renderer(self.render_config)
+        self._renderer: Renderer | None = None
         self._kernel_ready = False
         self._need_full_sync = True
         self._fragments: dict | None = None
@@ -281,8 +281,14 @@ class IPTablesProxier(Dataplane):
             conntrack_tcp_liberal=liberal,
             nodeport_ips=nodeport_ips,
         )
-        self.renderer = Renderer(self.render_config)
         self._kernel_ready = True
+
+    @property
+    def renderer(self) -> Renderer:
+        """The renderer for the current :attr:`render_config` (rebuilt when it changes)."""
+        if self._renderer is None or self._renderer.config is not self.render_config:
+            self._renderer = Renderer(self.render_config)
+        return self._renderer
 
     def _ensure_jumps(self) -> None:
         ipt = self.iptables

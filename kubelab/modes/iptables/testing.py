@@ -169,3 +169,105 @@ class StateBuilder:
             newly_active_udp_services=frozenset(e.newly_active_udp_services),
             services={f"{k[1]}/{k[2]}": o for k, o in self._objects.items() if k[0] == "Service"},  # type: ignore[misc]
         )
+
+
+class FakeIPTables:
+    """An in-memory :class:`~kubelab.modes.iptables.kernel.IPTables` over :class:`FakeTables`.
+
+    Models state (what restores and single commands leave behind) and
+    refuses what iptables-restore refuses (dangling jumps, deleting a
+    referenced chain), so proxier unit tests see real failure modes.
+    ``fail_next_restore`` injects one failure (e.g. "lock held").
+    """
+
+    def __init__(self, backend: str = "fake", random_fully: bool = False) -> None:
+        from kubelab.modes.iptables.tracer import FakeTables
+
+        self.backend = backend
+        self.ip_family = 4
+        self.tables = FakeTables()
+        self.random_fully = random_fully
+        self.restores: list[str] = []
+        self.fail_next_restore: str | None = None
+
+    def restore_all(self, text: str) -> None:
+        from kubelab.modes.iptables.kernel import RestoreError
+        from kubelab.modes.iptables.tracer import ParseError
+        from kubelab.modes.iptables.tracer import RestoreError as FakeRestoreError
+
+        self.restores.append(text)
+        if self.fail_next_restore is not None:
+            msg, self.fail_next_restore = self.fail_next_restore, None
+            raise RestoreError(f"iptables-restore: {msg}")
+        try:
+            self.tables.restore(text)
+        except (FakeRestoreError, ParseError) as e:
+            raise RestoreError(f"iptables-restore: {e}", getattr(e, "line", None) or None) from e
+
+    def save(self, table: str) -> str:
+        return self.tables.save(table)
+
+    def chains(self, table: str) -> set[str]:
+        return set(self.tables.chains(table))
+
+    def chain_exists(self, table: str, chain: str) -> bool:
+        return chain in self.tables.chains(table)
+
+    def ensure_chain(self, table: str, chain: str) -> bool:
+        if self.chain_exists(table, chain):
+            return False
+        self._add_chain(table, chain)
+        return True
+
+    def _add_chain(self, table: str, chain: str) -> None:
+        from kubelab.modes.iptables.tracer import Chain, Table
+
+        t = self.tables.dump.table(table)
+        if t is None:
+            t = Table(table)
+            self.tables.dump.tables.append(t)
+        t.chains.append(Chain(chain))
+
+    def _rule(self, chain: str, args) -> str:
+        import shlex
+
+        return f"-A {chain} " + " ".join(shlex.quote(a) if " " in a else a for a in args)
+
+    def ensure_rule(self, prepend: bool, table: str, chain: str, args) -> bool:
+        from kubelab.modes.iptables.tracer import parse_rule
+
+        c = self.tables.dump.chain(table, chain)
+        raw = self._rule(chain, args).replace("'", '"')
+        if any(r.raw == raw for r in c.rules):
+            return False
+        rule = parse_rule(raw)
+        if prepend:
+            c.rules.insert(0, rule)
+        else:
+            c.rules.append(rule)
+        return True
+
+    def delete_rule(self, table: str, chain: str, args) -> bool:
+        c = self.tables.dump.chain(table, chain)
+        raw = self._rule(chain, args).replace("'", '"')
+        for i, r in enumerate(c.rules if c else []):
+            if r.raw == raw:
+                del c.rules[i]
+                return True
+        return False
+
+    def delete_chain(self, table: str, chain: str) -> bool:
+        t = self.tables.dump.table(table)
+        if t is None or t.get(chain) is None:
+            return False
+        t.chains = [c for c in t.chains if c.name != chain]
+        return True
+
+    def has_random_fully(self) -> bool:
+        return self.random_fully
+
+    def flush_all(self) -> None:
+        """What `iptables -F; iptables -X` by an admin does: our chains and canaries vanish."""
+        from kubelab.modes.iptables.tracer import FakeTables
+
+        self.tables = FakeTables()
