@@ -67,6 +67,14 @@ def _family(ip: str) -> int | None:
             return ipaddress.ip_network(ip.strip(), strict=False).version
         return ipaddress.ip_address(ip.strip()).version
     except ValueError:
+        pass
+    # kube-proxy parses "sloppily" (leading zeros allowed, TestBadIPs): retry normalised.
+    addr, sep, plen = ip.strip().partition("/")
+    try:
+        if sep:
+            return ipaddress.ip_network(f"{_normalize_ip(addr)}/{int(plen)}", strict=False).version
+        return ipaddress.ip_address(_normalize_ip(addr)).version
+    except ValueError:
         return None
 
 
