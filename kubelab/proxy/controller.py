@@ -239,12 +239,11 @@ class ProxyController(Provider):
         state = self.build_state()
         self.last_state = state
         kind = "full" if state.full_sync else "partial"
-        if self.dry_run:
-            self._render(state)
-            self._succeeded(state, started, kind)
-            return
         try:
-            await self.dataplane.sync_proxy_rules(state)
+            if self.dry_run:
+                self._render(state)
+            else:
+                await self.dataplane.sync_proxy_rules(state)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the mode failed: keep serving, retry as a full sync

@@ -341,3 +341,61 @@ def test_help_explains():
     assert r.returncode == 0
     for text in ["--proxy-mode", "--source PATH", "--dry-run", "--metrics-bind-address", "examples:", "10249/metrics"]:
         assert text in r.stdout
+
+
+# ---------------------------------------------------------------- in-process helpers
+
+from kubelab.proxy import cli as proxy_cli  # noqa: E402
+
+ADDRS = ["127.0.0.1", "192.0.2.2", "198.51.100.7", "::1", "fd00::2", "fe80::1%eth0"]
+
+
+@pytest.mark.parametrize(
+    "cidrs,expected",
+    [
+        ((), ("127.0.0.1", "192.0.2.2", "198.51.100.7", "::1", "fd00::2", "fe80::1")),
+        (("192.0.2.0/24",), ("192.0.2.2",)),
+        (("192.0.2.0/24", "fd00::/8"), ("192.0.2.2", "fd00::2")),
+        (("127.0.0.0/8",), ("127.0.0.1",)),
+        (("203.0.113.0/24",), ()),
+        (("primary",), ("192.0.2.2", "fd00::2")),
+    ],
+    ids=["all", "one-block", "dual", "loopback", "none-match", "primary"],
+)
+def test_filter_node_ips(cidrs, expected):
+    assert proxy_cli.filter_node_ips(ADDRS, cidrs) == expected
+
+
+def _parse(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    proxy_cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    "argv,field,expected",
+    [
+        (["--proxy-mode", "ipvs"], "proxy_mode", "ipvs"),
+        (["--masquerade-all"], "masquerade_all", True),
+        (["--masquerade-all=false"], "masquerade_all", False),
+        (["--cluster-cidr", "10.244.0.0/16,fd00:244::/48"], "cluster_cidr", ("10.244.0.0/16", "fd00:244::/48")),
+        (["--nodeport-addresses", "192.0.2.0/24"], "nodeport_addresses", ("192.0.2.0/24",)),
+        (["--min-sync-period", "250ms"], "min_sync_period", 0.25),
+        (["--sync-period", "1m0s"], "sync_period", 60.0),
+        (["--v", "4"], "verbosity", 4),
+        (["--ipvs-scheduler", "lc"], "ipvs_scheduler", "lc"),
+        (["--iptables-masquerade-bit", "10"], "masquerade_bit", 10),
+        ([], "metrics_bind_address", "127.0.0.1:10249"),
+        ([], "healthz_bind_address", "0.0.0.0:10256"),
+        (["--healthz-bind-address", ""], "healthz_bind_address", ""),
+    ],
+    ids=lambda v: str(v),
+)
+def test_flags_to_config(argv, field, expected):
+    assert getattr(proxy_cli.build_config(_parse(*argv)), field) == expected
+
+
+def test_node_name_is_lowercased_override():
+    assert proxy_cli.node_name(proxy_cli.build_config(_parse("--hostname-override", " Node-A "))) == "node-a"
