@@ -132,12 +132,13 @@ def _decode_continue(token: str) -> tuple[int, str]:
 
 
 def _bool_param(q: dict, name: str) -> bool:
+    # Go's strconv.ParseBool, which the API server's parameter codec uses.
     v = q.get(name)
     if v is None:
         return False
-    if v in ("true", "1", "True"):
+    if v in ("1", "t", "T", "true", "TRUE", "True"):
         return True
-    if v in ("false", "0", "False"):
+    if v in ("", "0", "f", "F", "false", "FALSE", "False"):
         return False
     raise _Reject(400, "BadRequest", f"{name}: Invalid value: {v!r}: not a boolean", violation=True)
 
@@ -399,7 +400,7 @@ class FakeAPIServer:
                 record.op = "discovery"
             else:
                 rtype, namespace, name = target
-                record.op = ("watch" if query.get("watch") in ("true", "1") else "list") if request.method == "GET" and not name else (
+                record.op = ("watch" if _bool_param(query, "watch") else "list") if request.method == "GET" and not name else (
                     "get" if request.method == "GET" else "create" if request.method == "POST" else request.method.lower())
             accept = request.headers.get("Accept", "*/*")
             if not any(a in accept for a in ("application/json", "*/*", "application/*")):
