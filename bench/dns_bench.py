@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""dnsperf against kubelab dns and dnsmasq side by side on loopback, plus kubelab's memory at scale.
+
+    python3 bench/dns_bench.py [--services 2000] [--rounds 5] [--seconds 5] [--memory]
+
+Both servers answer the same cluster names (A records of N services):
+kubelab from Service objects, dnsmasq from a hosts file (--addn-hosts) with
+the same names and IPs (upstream-less, --local for the zone).  Rounds
+alternate kubelab/dnsmasq (ABAB) so slow phases of the shared machine hit
+both; each round reports queries/s and latency percentiles computed from
+dnsperf -v per-query latencies.  The ratio is taken per pair, then the
+median.  ``--memory`` loads 10,000 services and 50,000 pods into a kubelab
+dns process and reports its RSS against CoreDNS's published formula
+((pods + services)/1000 + 54 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SERVER = textwrap.dedent(
+    """
+    import sys, gc, os
+    from kubelab.dns.answer import Settings
+    from kubelab.dns.server import DNSConfig
+    from kubelab.dns.testing import ThreadedServer, svc
+    n, port = int(sys.argv[1]), int(sys.argv[2])
+    services = [svc(f"ns{i % 50}", f"svc{i}", (f"10.96.{i // 250}.{i % 250 + 1}",)) for i in range(n)]
+    with ThreadedServer(DNSConfig(settings=Settings()), services, listen=[("127.0.0.1", port)]):
+        del services
+        gc.collect()
+        print("ready", flush=True)
+        sys.stdin.read()
+    """
+)
+
+MEMORY = textwrap.dedent(
+    """
+    import gc, logging, sys, resource
+    from kubelab.dns.answer import Settings
+    from kubelab.dns.server import ClusterDNS, DNSConfig
+    from kubelab.dns.testing import synthetic_cluster
+    from kubelab.model import EndpointSlice, Pod, Service
+    mode = sys.argv[3]
+    d = ClusterDNS(DNSConfig(settings=Settings(pods=mode)), logging.getLogger("bench"))
+    for obj in synthetic_cluster(int(sys.argv[1]), int(sys.argv[2])):
+        if isinstance(obj, Service):
+            d.on_service_add(obj)
+        elif isinstance(obj, EndpointSlice):
+            d.on_endpoint_slice_add(obj)
+        else:
+            d.on_pod_add(obj)
+    d.on_services_synced(); d.on_endpoint_slices_synced()
+    gc.collect()
+    rss = int(open("/proc/self/statm").read().split()[1]) * 4096
+    print(rss)
+    """
+)
+
+
+def port_free() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_answer(port: int, name: str) -> None:
+    for _ in range(200):
+        r = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+short", "+tries=1", "+time=1", name], capture_output=True, text=True)
+        if r.stdout.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"no answer for {name} on port {port}")
+
+
+def dnsperf(port: int, qfile: Path, seconds: float) -> dict:
+    r = subprocess.run(
+        ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(qfile), "-l", str(seconds), "-c", "4", "-q", "200", "-v"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )
+    lat = []
+    qps = 0.0
+    lost = 0
+    for line in r.stdout.splitlines():
+        if line.startswith("> "):
+            try:
+                lat.append(float(line.rsplit(None, 1)[1]))
+            except ValueError:
+                pass
+        elif "Queries per second:" in line:
+            qps = float(line.split(":")[1])
+        elif "Queries lost:" in line:
+            lost = int(line.split(":")[1].split()[0])
+    lat.sort()
+    pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] * 1e3 if lat else float("nan")  # noqa: E731
+    return {"qps": qps, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "lost": lost}
+
+
+def rss_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--services", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--memory", action="store_true", help="also measure RSS at 10,000 services / 50,000 pods")
+    ap.add_argument("--json", type=Path, help="write raw results here")
+    args = ap.parse_args()
+
+    n = args.services
+    tmp = Path(tempfile.mkdtemp(prefix="kl-dns-bench-"))
+    names = [(f"svc{i}.ns{i % 50}.svc.cluster.local", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(n)]
+    (tmp / "hosts").write_text("".join(f"{ip} {name}\n" for name, ip in names))
+    rnd = random.Random(1)
+    (tmp / "queries").write_text("".join(f"{rnd.choice(names)[0]} A\n" for _ in range(100000)))
+
+    kport, mport = port_free(), port_free()
+    (tmp / "server.py").write_text(SERVER)
+    kub = subprocess.Popen([sys.executable, str(tmp / "server.py"), str(n), str(kport)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    dm = subprocess.Popen(
+        ["dnsmasq", "-k", "-C", "/dev/null", f"--port={mport}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+         f"--addn-hosts={tmp / 'hosts'}", "--local=/cluster.local/", "--cache-size=10000", "--pid-file=", "--user=", "--log-facility=/dev/null"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    results = {"kubelab": [], "dnsmasq": []}
+    try:
+        assert kub.stdout.readline().strip() == "ready"
+        wait_answer(kport, names[0][0])
+        wait_answer(mport, names[0][0])
+        # warm both (kubelab builds wire answers on first sight; dnsmasq fills its cache)
+        dnsperf(kport, tmp / "queries", 2)
+        dnsperf(mport, tmp / "queries", 2)
+        for i in range(args.rounds):
+            for who, port in (("kubelab", kport), ("dnsmasq", mport)):
+                r = dnsperf(port, tmp / "queries", args.seconds)
+                results[who].append(r)
+                print(f"round {i + 1} {who:8s} {r['qps']:9.0f} q/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  lost {r['lost']}", flush=True)
+        results["kubelab_rss_mb"] = rss_of(kub.pid) / 1e6
+    finally:
+        kub.stdin.close()
+        kub.terminate()
+        dm.terminate()
+        kub.wait(10)
+        dm.wait(10)
+
+    ratios = [k["qps"] / d["qps"] for k, d in zip(results["kubelab"], results["dnsmasq"], strict=True)]
+    p99r = [k["p99_ms"] / d["p99_ms"] for k, d in zip(results["kubelab"], results["dnsmasq"], strict=True)]
+    med = statistics.median
+    print()
+    print(f"services: {n}; rounds: {args.rounds} x {args.seconds:g} s; dnsperf -c 4 -q 200 on loopback; {os.cpu_count()} cores")
+    for who in ("kubelab", "dnsmasq"):
+        q = [r["qps"] for r in results[who]]
+        p = [r["p99_ms"] for r in results[who]]
+        print(f"{who:8s} q/s median {med(q):.0f} (min {min(q):.0f}, max {max(q):.0f}); p99 median {med(p):.3f} ms (min {min(p):.3f}, max {max(p):.3f})")
+    print(f"q/s ratio kubelab/dnsmasq: median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"p99 ratio kubelab/dnsmasq: median {med(p99r):.2f} (min {min(p99r):.2f}, max {max(p99r):.2f})  (<= 1.0 is no worse)")
+    results["qps_ratio"] = ratios
+    results["p99_ratio"] = p99r
+
+    if args.memory:
+        (tmp / "memory.py").write_text(MEMORY)
+        for mode in ("disabled", "verified"):
+            out = subprocess.run([sys.executable, str(tmp / "memory.py"), "10000", "50000", mode], capture_output=True, text=True, cwd=ROOT, check=True)
+            rss = int(out.stdout.strip()) / 1e6
+            budget = (50000 + 10000) / 1000 + 54
+            print(f"memory (--pods {mode}): 10,000 services + 50,000 pods: RSS {rss:.0f} MB; CoreDNS formula {budget:.0f} MB; ratio {rss / budget:.2f}")
+            results[f"rss_mb_{mode}"] = rss
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
