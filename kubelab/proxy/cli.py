@@ -115,6 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--source", metavar="PATH", help="manifest file or folder to read and watch (YAML/JSON, multi-document, kind: List)")
     src.add_argument("--kubeconfig", metavar="FILE", help="read Services/EndpointSlices/Nodes from the API server in this kubeconfig")
     src.add_argument("--in-cluster", action="store_true", help="use the pod's service account to reach the API server")
+    src.add_argument("--master", metavar="URL", help="the API server's address, overriding the kubeconfig's")
+    src.add_argument("--context", metavar="NAME", help="the kubeconfig context to use instead of the current one")
 
     mode = parser.add_argument_group("mode and node")
     mode.add_argument("--proxy-mode", choices=sorted(MODES), help="which proxy mode to run (default iptables)")
@@ -219,6 +221,10 @@ class UsageError(Exception):
     """A problem with how kubelab proxy was invoked; the message says how to fix it."""
 
 
+class SourceError(Exception):
+    """The source of objects stopped with an error (e.g. an unusable kubeconfig)."""
+
+
 def _load_dataplane(args: argparse.Namespace, config: ProxyConfig, deps: Any) -> Any:
     try:
         if args.mode_class:
@@ -236,17 +242,18 @@ def _load_dataplane(args: argparse.Namespace, config: ProxyConfig, deps: Any) ->
 
 
 def _check_source_args(args: argparse.Namespace) -> None:
-    if not (args.source or args.kubeconfig or args.in_cluster):
+    api = args.kubeconfig or args.in_cluster or args.master
+    if not (args.source or api):
         raise UsageError(
             "no source of objects: give --source PATH (a manifest file or folder), "
-            "or --kubeconfig FILE / --in-cluster for an API server"
+            "or --kubeconfig FILE / --in-cluster / --master URL for an API server"
         )
-    if args.source and (args.kubeconfig or args.in_cluster):
-        raise UsageError("give either --source PATH or --kubeconfig/--in-cluster, not both")
+    if args.source and api:
+        raise UsageError("give either --source PATH or --kubeconfig/--in-cluster/--master, not both")
 
 
-def _make_source(args: argparse.Namespace, handlers: list, logger: logging.Logger) -> Any:
-    if args.kubeconfig or args.in_cluster:
+def _make_source(args: argparse.Namespace, handlers: list, logger: logging.Logger, node_name: str) -> Any:
+    if args.kubeconfig or args.in_cluster or args.master:
         try:
             kube = importlib.import_module("kubelab.proxy.sources.kube")
         except ImportError as e:
@@ -254,7 +261,12 @@ def _make_source(args: argparse.Namespace, handlers: list, logger: logging.Logge
                 "the API server source (--kubeconfig/--in-cluster) is not available yet "
                 f"in this build ({e}); use --source PATH with manifest files"
             ) from None
-        return kube.KubeSource(kubeconfig=args.kubeconfig, in_cluster=args.in_cluster, handlers=handlers, logger=logger)
+        config = kube.config_from_args(args, purpose="proxy", node_name=node_name)
+        try:
+            config.validate()
+        except kube.KubeConfigError as e:
+            raise UsageError(str(e)) from None
+        return kube.KubeSource(config, handlers, logger)
     try:
         from kubelab.proxy.sources.files import FilesSource
     except ImportError as e:
@@ -294,7 +306,7 @@ async def serve(args: argparse.Namespace, config: ProxyConfig, node: NodeInfo) -
         if config.metrics_bind_address:
             servers.append(MetricsServer(config.metrics_bind_address, metrics, config.proxy_mode, config))
     controller = ProxyController(deps, dataplane, health=health, watch=args.watch)
-    source = _make_source(args, [controller], log)
+    source = _make_source(args, [controller], log, name)
     log.info(
         "kubelab proxy %s mode on node %s (node IPs %s), min-sync-period %gs, sync-period %gs%s",
         config.proxy_mode, name, ", ".join(ips) or "none", config.min_sync_period, config.sync_period,
@@ -317,9 +329,11 @@ async def serve(args: argparse.Namespace, config: ProxyConfig, node: NodeInfo) -
         stop_task = asyncio.ensure_future(stop.wait())
         tasks = [ctl_task, src_task, stop_task]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not stop_task and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+        if src_task in done and src_task.exception() is not None:
+            e = src_task.exception()
+            raise SourceError(f"the source of objects failed: {type(e).__name__}: {e}") from e
+        if ctl_task in done and ctl_task.exception() is not None:
+            raise ctl_task.exception()  # type: ignore[misc]
         if src_task in done and not one_shot and not stop.is_set():
             # A source that returns has nothing more to say (a one-off file
             # read); keep serving what it gave until stopped.
@@ -370,6 +384,9 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"kubelab proxy: error: {e}", file=sys.stderr)
         return 2
+    except SourceError as e:
+        print(f"kubelab proxy: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"kubelab proxy: error: {e}", file=sys.stderr)
         return 1

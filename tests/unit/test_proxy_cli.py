@@ -313,8 +313,10 @@ def test_config_file_and_flag_override(manifests, tmp_path):
         (["--min-sync-period", "1m", "--sync-period", "30s"], 2, "--sync-period (30s) must be greater than or equal"),
         (["--config", "/nonexistent/kp.yaml"], 2, "cannot read --config file"),
         (["--proxy-mode", "kernelspace"], 2, "invalid choice"),
+        (["--kubeconfig", "/nonexistent/kc", "--dry-run"], 2, "--kubeconfig /nonexistent/kc: no such file"),
     ],
-    ids=["duration", "cidr", "bool", "watch", "no-source", "two-sources", "min-above-sync", "config-missing", "mode"],
+    ids=["duration", "cidr", "bool", "watch", "no-source", "two-sources", "min-above-sync", "config-missing", "mode",
+         "kubeconfig-missing"],
 )
 def test_bad_flags_say_how_to_fix(args, code, message):
     r = kubelab(*args)
@@ -328,6 +330,15 @@ def test_bad_config_file_names_file_line_field(tmp_path):
     r = kubelab("--config", str(cfg), "--dry-run", "--source", str(tmp_path))
     assert r.returncode == 2
     assert f"{cfg}:4: unknown field 'ipvs.schedular'" in r.stderr
+
+
+def test_unusable_kubeconfig_is_a_clear_error(tmp_path):
+    kc = tmp_path / "kubeconfig"
+    kc.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
+    r = kubelab("--kubeconfig", str(kc), "--dry-run", *MODE, "--metrics-bind-address", "")
+    assert r.returncode == 1
+    assert f"kubelab proxy: error: the source of objects failed: KubeConfigError: --kubeconfig {kc}" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cleanup_calls_the_mode():
