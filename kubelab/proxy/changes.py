@@ -361,7 +361,7 @@ class EndpointSliceCache:
             if not pending:
                 continue
             applied = self._applied.setdefault(service_key, {})
-            previous = self.endpoints_map_for(service_key, applied)
+            previous = self.endpoints_map_for(service_key, applied) if applied else {}
             for name, (slice_, remove) in pending.items():
                 if remove:
                     applied.pop(name, None)
