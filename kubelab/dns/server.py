@@ -167,25 +167,53 @@ class ClusterDNS(Provider):
         return ns
 
     def answer_fast(self, data: bytes, client_ip: str, tcp: bool):
-        """(answer, qtype) from a prebuilt template, or False when the slow path is needed."""
-        q = wire.parse_query(data)
-        if q is None:
+        """(answer, qtype) from a prebuilt template, or False when the slow path is needed.
+
+        Written for speed: the question is located with one ``find`` of the
+        root label.  A zero byte inside a label would end the name early,
+        but then the key is not a valid name and matches no template.
+        """
+        n = len(data)
+        if n < 17 or data[2] & 0xF8 or data[4:11] != b"\x00\x01\x00\x00\x00\x00\x00" or self.query_log is not None:
             return False
-        if self.query_log is not None:
-            self.query_log(client_ip, data[12 : q.qend - 4], q.qtype, tcp)
-            return False  # logged once here; answered on the slow path
+        end = data.find(0, 12)
+        qend = end + 5
+        if end < 0 or qend > n:
+            return False
         if self._gen != self.index.generation:
             self._fresh()
-        if self.config.autopath and self._autopath_ns(client_ip, q) is not None:
-            t = self.autopath_templates.get(q.key)
+        key = data[12 : end + 1].lower() + data[end + 1 : qend]
+        if self.config.autopath:
+            q = wire.parse_query(data)
+            if q is None:
+                return False
+            t = (self.autopath_templates if self._autopath_ns(client_ip, q) is not None else self.templates).get(key)
         else:
-            t = self.templates.get(q.key)
-        if t is None or q.edns_version:
+            t = self.templates.get(key)
+        if t is None:
             return False
-        return t.stamp(data, q, 65535 if tcp else (q.edns if q.edns > 0 else wire.MIN_UDP_SIZE)), q.qtype
+        qtype = (data[end + 1] << 8) | data[end + 2]
+        ar = data[11]
+        if ar == 0:
+            if qend != n:
+                return False
+            return t.stamp_raw(data, qend, -1, False, 65535 if tcp else 512), qtype
+        # one OPT record, version 0
+        if ar != 1 or n < qend + 11 or data[qend : qend + 3] != b"\x00\x00\x29" or data[qend + 6] or qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != n:
+            return False
+        size = (data[qend + 3] << 8) | data[qend + 4]
+        limit = 65535 if tcp else (size if size > 512 else 512)
+        return t.stamp_raw(data, qend, size if size > 512 else 512, bool(data[qend + 7] & 0x80), limit), qtype
+
+    def log_query(self, data: bytes, client_ip: str, tcp: bool) -> None:
+        q = wire.parse_query(data)
+        if q is not None:
+            self.query_log(client_ip, data[12 : q.qend - 4], q.qtype, tcp)
 
     async def answer_slow(self, data: bytes, client_ip: str, tcp: bool) -> tuple[bytes | None, int, int, int]:
         """(response or None to drop, qtype, rcode, plugin) for any packet."""
+        if self.query_log is not None:
+            self.log_query(data, client_ip, tcp)
         q = wire.parse_query(data)
         if q is None:
             data, q, bad = _canonical_query(data)

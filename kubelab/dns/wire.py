@@ -39,7 +39,7 @@ MIN_UDP_SIZE = 512  # RFC 1035 2.3.4, and the floor CoreDNS applies to EDNS0 siz
 MAX_NAME_WIRE = 255
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query:
     """The parts of a query the server needs, parsed by hand.
 
@@ -181,14 +181,18 @@ class Template:
 
     def stamp(self, data: bytes, q: Query, limit: int) -> bytes:
         """The response to query ``data`` (parsed as ``q``), at most ``limit`` bytes."""
+        return self.stamp_raw(data, q.qend, q.edns, q.do, limit)
+
+    def stamp_raw(self, data: bytes, qend: int, edns: int, do: bool, limit: int) -> bytes:
+        """:meth:`stamp` without a :class:`Query` (the server's hot path)."""
         idx = (data[2] & 1) | ((data[3] & CD) >> 3)
-        if q.edns < 0:
-            out = data[:2] + self.heads[idx] + data[12 : q.qend] + self.body
+        if edns < 0:
+            out = data[:2] + self.heads[idx] + data[12:qend] + self.body
         else:
-            out = data[:2] + self.heads[idx | 4] + data[12 : q.qend] + self.body + opt_record(q.edns, q.do)
+            out = data[:2] + self.heads[idx | 4] + data[12:qend] + self.body + opt_record(edns, do)
         if len(out) <= limit:
             return out
-        return self.truncated(data, q, limit)
+        return self.truncated(data, Query(b"", qend, 0, 0, edns, do), limit)
 
     def truncated(self, data: bytes, q: Query, limit: int) -> bytes:
         """As miekg/dns Msg.Truncate (which CoreDNS applies): keep records in order while they fit, set TC."""
