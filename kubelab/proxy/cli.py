@@ -390,3 +390,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"kubelab proxy: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug or an unusable mode: say what, keep the trace for --v=4
+        log.debug("unexpected failure", exc_info=True)
+        print(f"kubelab proxy: error: {type(e).__name__}: {e} (run with --v=4 for the traceback)", file=sys.stderr)
+        return 1
