@@ -316,6 +316,13 @@ class KubeSource:
         node_name: str = "",
         deps: KubeSourceDeps | None = None,
     ) -> None:
+        if isinstance(handlers, Provider):
+            handlers = [handlers]
+        if isinstance(config, str):
+            # KubeSource("path/to/kubeconfig", ...): the DNS responder's early call.
+            kubeconfig, config = config, None
+            if any(type(h).__module__.startswith("kubelab.dns") for h in handlers):
+                config = KubeSourceConfig.for_dns(kubeconfig=kubeconfig)
         if config is None:
             config = KubeSourceConfig.for_proxy(kubeconfig=kubeconfig, in_cluster=in_cluster, node_name=node_name)
         self.config = config
@@ -411,6 +418,40 @@ class KubeSource:
             if getattr(loader, "token", None):
                 self._configuration.api_key["BearerToken"] = loader.token
 
+    async def record_event(self, reason: str, action: str, note: str = "", type_: str = "Normal") -> bool:
+        """Post an events.k8s.io/v1 Event about this node, as kube-proxy's recorder does at start.
+
+        Returns whether the server took it; failure is logged, never raised
+        (an Event is a courtesy, not something to stop for).
+        """
+        if not self.config.node_name:
+            return False
+        from kubernetes_asyncio import client as kclient
+
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        controller = f"kubelab.dev/kubelab-{self.config.purpose}"
+        body = {
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            # Node events live in "default", named like client-go's recorder: <object>.<hex time>.
+            "metadata": {"name": f"{self.config.node_name}.{int(now * 1e9):x}", "namespace": "default"},
+            "eventTime": stamp, "reportingController": controller,
+            "reportingInstance": f"{controller}-{self.config.node_name}", "action": action, "reason": reason,
+            "regarding": {"kind": "Node", "name": self.config.node_name, "uid": self.config.node_name},
+            "note": note, "type": type_,
+        }
+        try:
+            await self.connect()
+            await self.refresh_credentials()
+            resp = await kclient.EventsV1Api(self.api).create_namespaced_event(
+                "default", body, _preload_content=False, _request_timeout=self.config.request_timeout)
+            async with resp:
+                await read_json(resp, "create events")
+            return True
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("could not record the %s event for node %s: %s", reason, self.config.node_name, e)
+            return False
+
     # ------------------------------------------------------------ running
 
     async def run(self) -> None:
@@ -424,6 +465,9 @@ class KubeSource:
                 tasks.append(asyncio.ensure_future(self._reflector(res).run()))
             if self.config.endpoint_slices:
                 tasks.append(asyncio.ensure_future(self._endpoints()))
+            if self.config.purpose == "proxy" and self.config.node_name:
+                # kube-proxy: Recorder.Eventf(nodeRef, Normal, "Starting", "StartKubeProxy", "").
+                tasks.append(asyncio.ensure_future(self.record_event("Starting", "StartKubelabProxy")))
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
