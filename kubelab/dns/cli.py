@@ -160,10 +160,12 @@ def _make_source(args, provider, log):
             raise ValueError(f"--source needs kubelab.proxy.sources.files, which is not available: {e}") from None
         return FilesSource(args.source, provider, log)
     try:
-        from kubelab.proxy.sources.kube import KubeSource
+        from kubelab.proxy.sources.kube import KubeSource, KubeSourceConfig
     except ImportError as e:
         raise ValueError(f"--kubeconfig needs kubelab.proxy.sources.kube, which is not available: {e}") from None
-    return KubeSource(args.kubeconfig, provider, log)
+    # Pods are watched only when answers need them (CoreDNS: pods verified / autopath).
+    need_pods = args.pods == "verified" or args.autopath
+    return KubeSource(KubeSourceConfig.for_dns(kubeconfig=args.kubeconfig, pods=need_pods), [provider], log)
 
 
 async def _http(bind: str, dns: ClusterDNS, registry, log):
