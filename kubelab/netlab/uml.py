@@ -372,7 +372,8 @@ class UMLKernel:
 
     def _init_script(self) -> str:
         env = {
-            "PATH": DEFAULT_PATH,
+            # The agent's interpreter first, so `python3` inside is the host's (same site-packages).
+            "PATH": f"{Path(self.python_exe).parent}:{DEFAULT_PATH}",
             "HOME": "/root",
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(REPO_ROOT),
