@@ -20,15 +20,17 @@ EPILOG = """\
 examples:
   kubelab lab up examples/labs/basic.yaml
   kubelab lab up examples/labs/basic.yaml --name mine --proxy-mode userspace
-  kubelab lab exec basic client -- curl -s http://172.18.0.10:30080/
+  kubelab lab exec basic client -- curl -s http://web/      # the pod `client`, cluster DNS
+  kubelab lab exec basic external -- curl -s http://172.18.0.10:30000/
   kubelab lab exec basic web-1 -- getent ahosts web
   kubelab lab apply basic more-services.yaml
   kubelab lab delete basic pod/web-1 --grace-period 10
   kubelab lab status basic
   kubelab lab down basic          # or: kubelab lab down --all
 
-exec targets: a pod (NAME or NAMESPACE/NAME), a node, `client` (outside the
-cluster, on the underlay) or `underlay`.  Files: /run/kubelab/labs/NAME/
+exec targets: a pod (NAME or NAMESPACE/NAME), a node, `external` (outside the
+cluster, on the underlay; also `client` when no pod has that name) or
+`underlay`.  Files: /run/kubelab/labs/NAME/
 (state.json, manifests/, logs/)."""
 
 
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("exec", help="run a command in a pod, node or the external client",
                        description="Run COMMAND inside TARGET's network namespace (its resolv.conf too).")
     p.add_argument("lab")
-    p.add_argument("target", help="pod name (or ns/name), node name, `client` or `underlay`")
+    p.add_argument("target", help="pod name (or ns/name), node name, `external` or `underlay`")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command and its arguments")
 
     p = sub.add_parser("apply", help="create or update Services, Pods, Deployments from files",
@@ -103,7 +105,7 @@ def _up(args, Lab) -> int:
     if args.wait_synced:
         lab.wait_synced()
     print_status(lab.state(), sys.stdout)
-    print(f"\nnext: kubelab lab exec {spec.name} client -- curl -s http://NODE_IP:NODE_PORT/ ; kubelab lab down {spec.name}")
+    print(f"\nnext: kubelab lab exec {spec.name} external -- curl -s http://NODE_IP:NODE_PORT/ ; kubelab lab down {spec.name}")
     return 0
 
 
@@ -201,7 +203,7 @@ def print_status(state: dict, out) -> None:
     out.write(
         f"lab {state['name']}  proxy mode {state['proxyMode']}  kernel {state.get('kernel', 'host')}  "
         f"DNS {'on at ' + dns['clusterIP'] if dns.get('enabled') else 'off'}\n"
-        f"client {state['client']['ip']} (exec target `client`)\n\n"
+        f"client {state['client']['ip']} (exec target `external`)\n\n"
     )
     rows = [["NODE", "IP", "POD CIDR", "ZONE"]]
     for name, n in state["nodes"].items():

@@ -9,7 +9,8 @@ API contract (stable; other rooms' tests use it)::
     with Lab.up(spec) as lab:                      # torn down on exit, also when up fails half-way
         r = lab.exec("web-1", ["curl", "-s", "http://10.96.0.20/"], timeout=10, check=False)
         r.returncode, r.stdout, r.stderr           # subprocess.CompletedProcess (text)
-        lab.exec("client", [...]); lab.exec("node1", [...])   # external client / node namespaces
+        lab.exec("external", [...]); lab.exec("node1", [...]) # external client / node namespaces
+        lab.address("web-1"); lab.address("external")      # any target's IP
         lab.pod_ip("web-1"); lab.pod_ip("kube-system/kubelab-dns-1")
         lab.service_ip("default/web"); lab.node_ip("node1"); lab.client_ip
         lab.node_port("default/web", port=80)      # allocated nodePort of a service port
@@ -22,8 +23,10 @@ API contract (stable; other rooms' tests use it)::
     Lab.down_by_name("basic"); Lab.list()
 
 Exec targets: a pod name (``name`` in namespace default, else the first pod
-with that name) or ``namespace/name``; a node name; ``client`` (the external
-client on the underlay); ``underlay``.  hostNetwork pods exec in their node.
+with that name) or ``namespace/name``; a node name; ``external`` (the
+client outside the cluster, on the underlay -- also ``client`` when no pod
+is named so); ``underlay``.  hostNetwork pods exec in their node.
+``lab.address(target)`` is a target's IP.
 
 Lab files are described in :mod:`kubelab.netlab.spec`, the network in
 :mod:`kubelab.netlab.topology`, what pods run in
@@ -223,22 +226,35 @@ class Lab:
                 return key, pods[key]
         return None
 
-    def netns(self, target: str) -> str:
-        """The network namespace of a pod, node, ``client`` or ``underlay``."""
+    def _resolve(self, target: str) -> tuple[str, str, str]:
+        """(kind, netns, ip) of an exec target: "pod" | "node" | "external" | "underlay".
+
+        Pods come first, so a pod named ``client`` (as in the example lab)
+        is that pod; ``external`` always means the client outside the
+        cluster, and so does ``client`` when no pod has that name.
+        """
         state = self.state()
-        if target == "client":
-            return state["client"]["netns"]
         if target == "underlay":
-            return topology.underlay_ns(self.name)
-        if target in state["nodes"]:
-            return state["nodes"][target]["netns"]
+            return "underlay", topology.underlay_ns(self.name), state.get("gateway", "")
         found = self._pod(target)
-        if found is None:
-            raise LabError(
-                f"lab {self.name}: no pod, node or 'client' named {target!r}; "
-                f"nodes: {', '.join(state['nodes'])}; pods: {', '.join(sorted(state['pods'])) or 'none'}"
-            )
-        return found[1]["netns"]
+        if found is not None:
+            return "pod", found[1]["netns"], found[1]["ip"]
+        if target in state["nodes"]:
+            return "node", state["nodes"][target]["netns"], state["nodes"][target]["ip"]
+        if target in ("external", "client"):
+            return "external", state["client"]["netns"], state["client"]["ip"]
+        raise LabError(
+            f"lab {self.name}: no pod, node, 'external' or 'underlay' named {target!r}; "
+            f"nodes: {', '.join(state['nodes'])}; pods: {', '.join(sorted(state['pods'])) or 'none'}"
+        )
+
+    def netns(self, target: str) -> str:
+        """The network namespace of a pod, node, ``external`` (or ``client``) or ``underlay``."""
+        return self._resolve(target)[1]
+
+    def address(self, target: str) -> str:
+        """The IP address of a pod, node or the external client."""
+        return self._resolve(target)[2]
 
     def pod_ip(self, ref: str) -> str:
         found = self._pod(ref)

@@ -93,7 +93,7 @@ REACH = [
     pytest.param("srv-2", "srv-1", "nc-tcp", id="pod-to-pod-across-nodes-tcp-echo"),
     pytest.param("srv-4", "srv-1", "nc-udp", id="pod-to-pod-across-nodes-udp-echo"),
     pytest.param("srv-3", "srv-4", "stream", id="pod-to-pod-long-lived-stream"),
-    pytest.param("client", "hostweb", "curl", id="external-client-to-node-ip"),
+    pytest.param("external", "hostweb", "curl", id="external-client-to-node-ip"),
     pytest.param("srv-1", "hostweb", "curl", id="pod-to-host-network-pod"),
     pytest.param("node2", "srv-1", "curl", id="node-to-pod-on-other-node"),
 ]
@@ -121,7 +121,8 @@ def test_reachability(two_node_lab, src, dst, how):
         first = r.stdout
     assert r.returncode == 0, r
     # The server names itself and the source address it saw: no NAT between pods.
-    src_ip = lab.client_ip if src == "client" else lab.node_ip(src) if src in lab.nodes else lab.pod_ip(src)
+    src_ip = lab.address(src)
+    assert src != "external" or src_ip == lab.client_ip
     assert first.startswith(f"pod={dst} client={src_ip}:"), first
 
 
@@ -199,7 +200,7 @@ def test_cli_up_exec_status_down(lab_name):
         assert "default/web-1" in r.stdout and "172.18.0.10" in r.stdout
         state = json.loads(subprocess.run(kl + ["status", lab_name, "--json"], capture_output=True, text=True, timeout=30).stdout)
         ip = state["pods"]["default/web-1"]["ip"]
-        r = subprocess.run(kl + ["exec", lab_name, "client", "--", "curl", "-sS", "--max-time", "5", f"http://{ip}:8080/"],
+        r = subprocess.run(kl + ["exec", lab_name, "external", "--", "curl", "-sS", "--max-time", "5", f"http://{ip}:8080/"],
                            capture_output=True, text=True, timeout=30)
         assert r.stdout.startswith("pod=web-1 client=172.18.0.254:"), r
         # kubelet-style resolv.conf, read by glibc tools in the pod.
@@ -209,7 +210,7 @@ def test_cli_up_exec_status_down(lab_name):
         r = subprocess.run(kl + ["delete", lab_name, "pod/web-3", "--now"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and "pod/web-3 deleted" in r.stdout, r
         r = subprocess.run(kl + ["exec", lab_name, "nosuchpod", "--", "true"], capture_output=True, text=True, timeout=30)
-        assert r.returncode == 1 and "no pod, node or 'client' named 'nosuchpod'" in r.stderr
+        assert r.returncode == 1 and "no pod, node, 'external' or 'underlay' named 'nosuchpod'" in r.stderr
     finally:
         r = subprocess.run(kl + ["down", lab_name], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
