@@ -86,7 +86,7 @@ def status_body(code: int, reason: str, message: str, **extra: Any) -> dict:
 class Fault:
     """An injected misbehaviour for the next ``count`` matching requests."""
 
-    status: int = 500  # 0: drop the connection without answering
+    status: int | None = 500  # 0: drop the connection without answering; None: only the delay
     path: str = ""  # substring of the request path that must match ("" = any)
     op: str = ""  # "list" | "watch" | "get" | "discovery" | "" (any)
     count: int = 1
@@ -170,6 +170,9 @@ class FakeAPIServer:
         self.violations: list[str] = []
         self.faults: list[Fault] = []
         self.created: list[dict] = []  # objects POSTed (events)
+        # Called with each RequestRecord before it is answered: lets a test act
+        # at an exact point of the protocol (e.g. compact between two pages).
+        self.on_request: Any = None
         self._watchers: set[_Watcher] = set()
         self._runner: web.AppRunner | None = None
         self._closing = False
@@ -405,6 +408,8 @@ class FakeAPIServer:
             accept = request.headers.get("Accept", "*/*")
             if not any(a in accept for a in ("application/json", "*/*", "application/*")):
                 raise _Reject(406, "NotAcceptable", f"only the following media types are accepted: application/json (got {accept!r})", violation=True)
+            if self.on_request is not None:
+                self.on_request(record)
             fault = self._take_fault(record.op, request.path)
             if fault is not None:
                 if fault.delay:
