@@ -579,8 +579,10 @@ class _Ctx:
             return None
         ip = parse_ip(value)
         if ip is None:
-            fam = {4: "IPv4 ", 6: "IPv6 "}.get(family or 0, "")
-            self.invalid(path, value, f"must be a valid {fam}IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")
+            if family is not None:
+                self.invalid(path, value, f"must be a valid IPv{family} address")
+            else:
+                self.invalid(path, value, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")
             return None
         if family is not None and ip.version != family:
             self.invalid(path, value, f"must be a valid IPv{family} address (this is an IPv{ip.version} address)")
