@@ -89,6 +89,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import yaml
+
 from kubelab.model import LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, KubeObject, Origin
 from kubelab.proxy.provider import Provider
 
@@ -383,7 +385,7 @@ class KubeSource:
             where = (f"--in-cluster ({self.config.service_account_dir}, KUBERNETES_SERVICE_HOST/PORT)"
                      if self.config.in_cluster else f"--kubeconfig {self.config.kubeconfig}")
             raise KubeConfigError(f"{where}: {e}") from None
-        except (OSError, KeyError, ValueError, TypeError, AssertionError) as e:
+        except (OSError, KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
             ctx = f" (context {self.config.context!r})" if self.config.context else ""
             raise KubeConfigError(
                 f"--kubeconfig {self.config.kubeconfig}{ctx}: cannot use it: {type(e).__name__}: {e}; "
