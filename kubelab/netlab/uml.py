@@ -515,6 +515,31 @@ poweroff -f
         """
         return self._call("python", code=code, _timeout=timeout)["value"]
 
+    def call(self, target: str, *args: Any, timeout: float | None = 600.0, **kwargs: Any) -> Any:
+        """Call a function inside UML with pickled arguments and get its pickled result back.
+
+        ``target`` is ``"module:function"`` (imported inside) or an expression
+        naming a callable in the :meth:`python` namespace (``"driver.sync"``).
+        Both sides run the same interpreter and checkout, so any picklable
+        kubelab object crosses over.  Calls run one at a time, like :meth:`python`.
+        """
+        import pickle
+
+        assert self.workdir is not None
+        n = next(self._ids)
+        args_path = self.workdir / "proc" / f"call-{n}.args"
+        result_path = self.workdir / "proc" / f"call-{n}.result"
+        args_path.write_bytes(pickle.dumps((args, kwargs)))
+        try:
+            self._call("call", target=target, args_path=str(args_path), result_path=str(result_path), _timeout=timeout)
+            return pickle.loads(result_path.read_bytes())
+        finally:
+            for path in (args_path, result_path):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+
     def popen(
         self,
         argv: Sequence[str],

@@ -233,6 +233,27 @@ class Agent:
             value = repr(value)
         return {"value": value, "stdout": printed.getvalue()}
 
+    def op_call(self, target: str, args_path: str, result_path: str) -> dict[str, Any]:
+        """Call ``target`` (an expression in the persistent namespace, or "module:attr") with pickled args."""
+        import importlib
+        import pickle
+
+        with open(args_path, "rb") as f:
+            args, kwargs = pickle.load(f)
+        with self.python_lock:
+            if ":" in target:
+                module, _, attr = target.partition(":")
+                fn: Any = importlib.import_module(module)
+                for part in attr.split("."):
+                    fn = getattr(fn, part)
+            else:
+                fn = eval(target, self.namespace)  # noqa: S307
+            value = fn(*args, **kwargs)
+        with open(result_path + ".tmp", "wb") as f:
+            pickle.dump(value, f)
+        os.replace(result_path + ".tmp", result_path)
+        return {}
+
     def op_poweroff(self) -> dict[str, Any]:
         for pid, proc in list(self.procs.items()):
             if proc.poll() is None:

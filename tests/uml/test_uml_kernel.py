@@ -137,3 +137,15 @@ def test_close_powers_off_and_is_idempotent():
         import os
 
         os.killpg(pid, 0)
+
+
+def test_call_pickles_arguments_and_results(uml):
+    from kubelab.model import Endpoint
+
+    ep = Endpoint("10.244.0.9", 8080, is_local=True)
+    assert uml.call("ipaddress:ip_address", "10.0.0.1") == __import__("ipaddress").ip_address("10.0.0.1")
+    uml.python("kl_box = []")
+    uml.call("kl_box.append", ep)
+    assert uml.python("str(kl_box[0])") == "10.244.0.9:8080"
+    with pytest.raises(UMLRemoteError, match="ZeroDivisionError"):
+        uml.call("operator:truediv", 1, 0)
