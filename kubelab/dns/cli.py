@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source")
     src.add_argument("--source", metavar="PATH", help="manifest file or folder (kubectl get -o yaml output), watched for changes")
     src.add_argument("--kubeconfig", metavar="FILE", help="watch a real API server instead of --source")
+    src.add_argument("--in-cluster", action="store_true", help="inside a pod: watch the API server with the service account (token, CA, KUBERNETES_SERVICE_HOST/PORT)")
     srv = p.add_argument_group("serving")
     srv.add_argument("--listen", metavar="ADDR:PORT", action="append", help="address to serve UDP and TCP on (repeatable; default 0.0.0.0:53)")
     srv.add_argument("--cluster-domain", default="cluster.local", help="the cluster zone (default: cluster.local)")
@@ -165,7 +166,7 @@ def _make_source(args, provider, log):
         raise ValueError(f"--kubeconfig needs kubelab.proxy.sources.kube, which is not available: {e}") from None
     # Pods are watched only when answers need them (CoreDNS: pods verified / autopath).
     need_pods = args.pods == "verified" or args.autopath
-    return KubeSource(KubeSourceConfig.for_dns(kubeconfig=args.kubeconfig, pods=need_pods), [provider], log)
+    return KubeSource(KubeSourceConfig.for_dns(kubeconfig=args.kubeconfig, in_cluster=args.in_cluster, pods=need_pods), [provider], log)
 
 
 async def _http(bind: str, dns: ClusterDNS, registry, log):
@@ -254,7 +255,7 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.v >= 2 else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kubelab.dns")
-    if not args.source and not args.kubeconfig:
+    if not args.source and not args.kubeconfig and not args.in_cluster:
         return _fail("give --source PATH (manifests) or --kubeconfig FILE (API server)")
     try:
         import uvloop
