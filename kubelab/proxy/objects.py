@@ -1435,11 +1435,21 @@ def _json_documents(text: str) -> list[object]:
 
 
 def _yaml_error_text(e: yaml.YAMLError) -> str:
+    """"at column 1: while parsing a flow mapping (from line 3): did not find expected ',' or '}'"."""
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     context = getattr(e, "context", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{context + ' ' if context else ''}{problem}"
+    cmark = getattr(e, "context_mark", None)
+    text = f"at column {mark.column + 1}: " if mark is not None else ""
+    if context:
+        text += context
+        if cmark is not None and (mark is None or cmark.line != mark.line):
+            text += f" (from line {cmark.line + 1})"
+        text += ": "
+    return text + problem
+
+
+_KEEP_NOTE = "a watching source keeps this file's objects as they were until it parses again"
 
 
 def parse_documents(text: str, source: str = "<string>") -> LoadResult:
@@ -1458,15 +1468,14 @@ def parse_documents(text: str, source: str = "<string>") -> LoadResult:
             try:
                 docs = [(d, None) for d in _json_documents(text)]
             except ValueError as je:
-                result.errors.append(ObjectError(Origin(source, je.lineno), f"cannot parse JSON: {je.msg} "
-                                                 f"(line {je.lineno}, column {je.colno}); fix the file, its objects "
-                                                 "stay as they were until it parses", file_level=True))
+                result.errors.append(ObjectError(Origin(source, je.lineno), f"cannot parse JSON at column {je.colno}: "
+                                                 f"{je.msg}; {_KEEP_NOTE}", file_level=True))
                 return result
         else:
             mark = getattr(e, "problem_mark", None)
             result.errors.append(ObjectError(
                 Origin(source, mark.line + 1 if mark is not None else None),
-                f"cannot parse YAML: {_yaml_error_text(e)}; fix the file, its objects stay as they were until it parses",
+                f"cannot parse YAML {_yaml_error_text(e)}; {_KEEP_NOTE}",
                 file_level=True))
             return result
     for data, node in docs:
