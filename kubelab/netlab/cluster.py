@@ -71,17 +71,20 @@ def _now() -> str:
 
 
 def _parse(raw: dict, origin: Origin):
-    # Imported here: the objects module is the foundation room's, and only
-    # the code paths that load manifests need it.
-    try:
-        from kubelab.proxy.objects import ObjectError, parse_object
-    except ImportError:  # until the foundation module lands
-        from kubelab.netlab._interim_objects import ObjectError, parse_object
+    """The model object of a manifest (a list of slices for core/v1 Endpoints), or the error text.
+
+    Parsing and validation are the foundation's (``kubelab.proxy.objects``),
+    so the lab accepts exactly what the proxies and DNS will read.
+    """
+    from kubelab.proxy.objects import ObjectError, parse_objects
 
     try:
-        return parse_object(raw, origin), None
+        objs = parse_objects(raw, origin)
     except ObjectError as exc:
         return None, str(exc)
+    if raw.get("kind") == "Endpoints":
+        return objs, None
+    return objs[0], None
 
 
 class Cluster:

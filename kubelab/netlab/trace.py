@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -347,6 +348,7 @@ def capture_points(lab, source: str, backends: Iterable[str]) -> list[CapturePoi
 
 def _tap_socket_class():
     from scapy.arch.linux import L2ListenSocket
+    from scapy.layers import inet  # noqa: F401 - binds IP/TCP/UDP under Ether before the first frame is parsed
     from scapy.layers.l2 import Ether
 
     class TapSocket(L2ListenSocket):
@@ -461,10 +463,10 @@ def _backends(lab, key: str) -> dict[str, str]:
 def client_argv(proto: str, ip: str, port: int, sport: int, timeout: float, domain: str = "cluster.local") -> list[str]:
     """The real client that makes the traced request: dig for DNS, nc otherwise."""
     if port == DNS_PORT:
-        argv = ["dig", f"@{ip}", "-p", str(port), "-b", f"0.0.0.0#{sport}", "+tries=1", f"+time={max(1, int(timeout))}"]
+        argv = ["dig", "+short", f"@{ip}", "-p", str(port), "-b", f"0.0.0.0#{sport}", "+tries=1", f"+time={max(1, int(timeout))}"]
         if proto == "TCP":
             argv.append("+tcp")
-        return argv + [f"kubernetes.default.svc.{domain}"]
+        return argv + [f"kube-dns.kube-system.svc.{domain}"]
     if proto == "UDP":
         return ["nc", "-u", "-w", str(max(1, int(timeout))), "-p", str(sport), ip, str(port)]
     return ["nc", "-N", "-w", str(max(1, int(timeout))), "-p", str(sport), ip, str(port)]
@@ -508,10 +510,11 @@ def trace(
         frames.append(pkt)
 
     def mine(pkt) -> bool:
+        # Everything TCP/UDP for now: a masquerade may change the source port,
+        # which only conntrack can tell afterwards (see flow_pairs).
         from scapy.layers.inet import IP, TCP, UDP
 
-        l4 = pkt.getlayer(TCP) or pkt.getlayer(UDP)
-        return IP in pkt and l4 is not None and sport in (l4.sport, l4.dport)
+        return IP in pkt and (TCP in pkt or UDP in pkt)
 
     sockets = _open_sockets(points)
     sniffer = AsyncSniffer(opened_socket=sockets, prn=keep, lfilter=mine, store=False)
@@ -531,13 +534,15 @@ def trace(
         for sock in sockets:
             with contextlib.suppress(Exception):
                 sock.close()
+    conntrack = _conntrack(lab, state, target)
+    pairs = flow_pairs(target, [e for entries in conntrack.values() for e in entries])
     observations = []
     for pkt in frames:
         point = by_label.get(getattr(pkt, "sniffed_on", ""))
         if point is None:
             continue
         ob = _observation(pkt, point)
-        if ob is not None:
+        if ob is not None and _pair(ob.tuple) in pairs:
             observations.append(ob)
     observations.sort(key=lambda o: o.time)
     result = TraceResult(
@@ -552,9 +557,33 @@ def trace(
         client_output=done.stdout,
         client_returncode=done.returncode,
         backends=backends,
+        conntrack=conntrack,
     )
-    result.conntrack = _conntrack(lab, state, target)
     return result
+
+
+def _pair(t: FlowTuple) -> tuple:
+    return (t.proto, frozenset({(t.src, t.sport), (t.dst, t.dport)}))
+
+
+_CT_FIELD = re.compile(r"\b(src|dst|sport|dport)=(\S+)")
+
+
+def flow_pairs(target: FlowTuple, conntrack_lines: Iterable[str]) -> set[tuple]:
+    """The address pairs the flow uses at any hop: the client's own, and conntrack's original and reply tuples.
+
+    A masquerade may pick another source port (kube-proxy's MASQUERADE uses
+    --random-fully), so the flow after SNAT is known only from conntrack.
+    """
+    pairs = {_pair(target)}
+    for line in conntrack_lines:
+        fields = _CT_FIELD.findall(line)
+        for i in range(0, len(fields) - 3, 4):
+            chunk = dict(fields[i : i + 4])
+            if set(chunk) == {"src", "dst", "sport", "dport"}:
+                with contextlib.suppress(ValueError):
+                    pairs.add(_pair(FlowTuple(target.proto, chunk["src"], int(chunk["sport"]), chunk["dst"], int(chunk["dport"]))))
+    return pairs
 
 
 def _conntrack(lab, state: dict, target: FlowTuple) -> dict[str, list[str]]:

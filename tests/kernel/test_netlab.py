@@ -157,7 +157,7 @@ def test_pod_readiness_and_terminating_endpoints(make_lab):
         time.sleep(0.2)
     assert "web-2" not in conditions()
     assert "default/web-2" not in lab.state()["pods"]
-    assert not any(n.endswith(".p.default.web-2") for n in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout.split())
+    assert f"kl-{lab.name}.p.default.web-2" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout.split()
     # Scale via apply: a 4th replica appears with an IP and a server.
     lab.apply([deployment("web", 4, [{"name": "http", "containerPort": 8080}])])
     ip = lab.pod_ip("web-4")

@@ -17,6 +17,7 @@ from kubelab.netlab.trace import (
     Translation,
     analyze,
     client_argv,
+    flow_pairs,
     format_trace,
     write_pcap,
 )
@@ -188,7 +189,7 @@ def test_pcap_has_one_interface_per_capture_point(tmp_path):
     [
         pytest.param("TCP", 80, "nc", ["-N", "-p", "41000"], id="tcp-nc"),
         pytest.param("UDP", 9001, "nc", ["-u", "-p", "41000"], id="udp-nc"),
-        pytest.param("UDP", 53, "dig", ["0.0.0.0#41000", "kubernetes.default.svc.cluster.local"], id="dns-udp-dig"),
+        pytest.param("UDP", 53, "dig", ["0.0.0.0#41000", "kube-dns.kube-system.svc.cluster.local"], id="dns-udp-dig"),
         pytest.param("TCP", 53, "dig", ["+tcp"], id="dns-tcp-dig"),
     ],
 )
@@ -213,3 +214,12 @@ def test_split_target(text, expect):
 def test_split_target_errors(text):
     with pytest.raises(ValueError, match="SERVICE:PORT"):
         split_target(text)
+
+
+def test_flow_pairs_follow_a_masquerade_that_changed_the_port():
+    ct = ("tcp      6 119 TIME_WAIT src=172.18.0.254 dst=10.96.0.20 sport=41000 dport=80 "
+          "src=10.244.0.3 dst=10.244.0.1 sport=8080 dport=56751 [ASSURED] mark=0 use=1")
+    pairs = flow_pairs(FlowTuple("TCP", EXTERNAL, 41000, VIP, 80), [ct])
+    assert ("TCP", frozenset({("10.244.0.3", 8080), ("10.244.0.1", 56751)})) in pairs
+    assert ("TCP", frozenset({(EXTERNAL, 41000), (VIP, 80)})) in pairs
+    assert len(pairs) == 2
