@@ -284,7 +284,8 @@ class ProxyController(Provider):
         if self.health is not None:
             self.health.updated()
         services = len({name.namespaced_name for name in state.service_map})
-        endpoints = sum(len(v) for v in state.endpoints_map.values())
+        # Endpoints of service ports that exist; slices may name services not (yet) known.
+        endpoints = sum(len(v) for k, v in state.endpoints_map.items() if k in state.service_map)
         self.log.info("synced %d services, %d endpoints in %.0f ms (%s)", services, endpoints, elapsed * 1000, kind)
         if self._done is not None and self.dry_run and not self.watch:
             self._done.set()

@@ -278,6 +278,29 @@ def test_watch_edit_metrics_healthz(manifests):
     assert code == 0, proxy.stderr[-20:]
 
 
+def test_broken_files_keep_last_good(manifests):
+    proxy = Proxy("--source", str(manifests), "--dry-run", "--watch", *MODE, "--min-sync-period", "100ms",
+                  "--metrics-bind-address", "", "--healthz-bind-address", "")
+    try:
+        proxy.wait_for_render(lambda r: any("default/web:http" in line for line in r), "the web service")
+        # An invalid object next to good ones: named by file, line, object and field; others still served.
+        (manifests / "db.yaml").write_text(DB.replace("port: 5432\n    protocol: TCP\n    targetPort",
+                                                      "port: 70000\n    protocol: TCP\n    targetPort", 1))
+        line = proxy.wait_for_log("Service default/db")
+        assert "db.yaml" in line and "spec.ports[0].port" in line and "70000" in line
+        # Break the web file's YAML: its objects stay as they were (last good), nothing is deleted.
+        (manifests / "web.yaml").write_text(SERVICE + "---\nkind: [\n")
+        line = proxy.wait_for_log("web.yaml")
+        (manifests / "extra.yaml").write_text(DB.replace("db", "db2").replace("172.30.0.20", "172.30.0.21"))
+        render = proxy.wait_for_render(lambda r: any("default/db2:pg" in x for x in r), "db2 after the broken edits")
+        assert "SVC default/web:http 172.30.0.10:80/TCP -> 10.244.1.5:8080 10.244.2.7:8080" in render
+        assert not any("default/db:pg" in x for x in render)
+        assert proxy.proc.poll() is None
+    finally:
+        code = proxy.stop()
+    assert code == 0
+
+
 def test_one_shot_dry_run_prints_and_exits(manifests):
     r = kubelab("--source", str(manifests), "--dry-run", *MODE)
     assert r.returncode == 0, r.stderr
