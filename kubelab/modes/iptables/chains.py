@@ -48,8 +48,9 @@ NFACCT_LOCALHOST_NODEPORT_ACCEPTED = "localhost_nps_accepted_pkts"
 
 
 def _hash16(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest)[:16].decode()
+    # 16 base32 characters are exactly the first 10 bytes (80 bits) of the digest;
+    # encoding only those is the same text and 3x cheaper than encoding all 32.
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
 def port_proto_hash(service_port_name: str, protocol: str) -> str:
