@@ -180,6 +180,17 @@ class FilesSource:
             self._deliver(events)
             self._log_errors()
 
+    def poll_once(self, initial: bool = False) -> list[Event]:
+        """One synchronous look: scan, deliver the events, log new errors.
+
+        What :meth:`run` does on each tick, minus the worker thread; for
+        tests and tools that drive the source step by step.
+        """
+        events = self.scan(initial)
+        self._deliver(events)
+        self._log_errors()
+        return events
+
     # ------------------------------------------------------------------
     # scanning (runs in a worker thread; touches only this object's state)
     # ------------------------------------------------------------------
