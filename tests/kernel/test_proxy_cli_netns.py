@@ -1,7 +1,7 @@
 """``kubelab proxy`` for real, inside a fresh network namespace (root).
 
 The proxy runs with a real mode (userspace: listeners plus iptables portal
-rules in the namespace) on a folder of manifests; curl inside the namespace
+rules; iptables: kube-proxy's NAT chains) on a folder of manifests; curl inside the namespace
 reaches a real backend through the cluster IP, before and after the folder
 is edited, and asks the real default endpoints ``127.0.0.1:10249/metrics``
 and ``:10256/healthz`` -- the namespace has its own loopback, so the default
@@ -116,7 +116,8 @@ def _until(predicate, what) -> None:
     raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
-def test_userspace_proxy_in_netns(netns, backend, tmp_path):
+@pytest.mark.parametrize("mode", ["userspace", "iptables"])
+def test_proxy_in_netns(mode, netns, backend, tmp_path):
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "web.yaml").write_text(SERVICE.format(port=80))
@@ -124,7 +125,7 @@ def test_userspace_proxy_in_netns(netns, backend, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with open(log, "w") as logf:
         proxy = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "kubelab", "proxy", "--proxy-mode", "userspace",
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "kubelab", "proxy", "--proxy-mode", mode,
              "--source", str(manifests), "--hostname-override", "node-1", "--min-sync-period", "200ms"],
             stdout=logf, stderr=subprocess.STDOUT, env=env,
         )
