@@ -433,3 +433,13 @@ def test_flags_to_config(argv, field, expected):
 
 def test_node_name_is_lowercased_override():
     assert proxy_cli.node_name(proxy_cli.build_config(_parse("--hostname-override", " Node-A "))) == "node-a"
+
+
+@pytest.mark.parametrize("mode", ["iptables", "ipvs", "userspace"])
+def test_real_modes_dry_run_the_example(mode):
+    """The issue's done-when: each mode prints what it would program for examples/basic."""
+    r = kubelab("--proxy-mode", mode, "--source", str(REPO / "examples" / "basic"), "--dry-run",
+                "--hostname-override", "node-a")
+    assert r.returncode == 0, r.stderr
+    assert "10.96.100.10" in r.stdout  # default/web's cluster IP
+    assert "synced 5 services" in r.stderr and "(full)" in r.stderr
