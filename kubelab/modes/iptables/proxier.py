@@ -161,13 +161,25 @@ class NodePortAddresses:
 
     def select(self, addresses: list[str], node_ips: tuple[str, ...]) -> tuple[str, ...]:
         if self.primary:
-            return node_ips[:1]
+            return tuple(ip for ip in node_ips if ip == _primary_ip(node_ips, 4))
         out = []
         for a in addresses:
             ip = ipaddress.ip_address(a)
             if any(ip.version == n.version and ip in n for n in self.cidrs) and a not in out:
                 out.append(a)
         return tuple(out)
+
+
+def _primary_ip(ips: tuple[str, ...], ip_family: int) -> str:
+    """The node's primary IP of a family: the first that is not loopback or link-local."""
+    for ip in ips:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        if addr.version == ip_family and not addr.is_loopback and not addr.is_link_local:
+            return ip
+    return ""
 
 
 @dataclass
@@ -214,7 +226,7 @@ class IPTablesProxier(Dataplane):
             localhost_nodeports=localhost,
             nodeport_match_all=self.nodeport_addresses.match_all,
             nodeport_ips=self.nodeport_addresses.select(list(deps.node.ips), deps.node.ips),
-            node_ip=deps.node.ips[0] if deps.node.ips else "",
+            node_ip=_primary_ip(deps.node.ips, self.ip_family),
             random_fully=True,
         )
         self._renderer: Renderer | None = None
