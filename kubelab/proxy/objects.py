@@ -72,6 +72,7 @@ __all__ = [
     "MIRRORING_MANAGED_BY",
     "ObjectError",
     "find_manifest_files",
+    "manifest_paths",
     "is_manifest_file",
     "load_file",
     "load_path",
@@ -1527,15 +1528,23 @@ def find_manifest_files(path: str | os.PathLike) -> list[Path]:
 
     Hidden directories are skipped (this also skips the ``..data`` symlink
     farm of a ConfigMap volume; the visible symlinks into it are read).
+    Sorted by path components, so ``a/x.yaml`` comes before ``a.yaml``'s
+    sibling ``b.yaml`` exactly as ``sorted()`` of ``Path`` objects would.
     """
-    p = Path(path)
-    if not p.is_dir():
-        return [p]
+    return [Path(f) for f in manifest_paths(path)]
+
+
+def manifest_paths(path: str | os.PathLike) -> list[str]:
+    """:func:`find_manifest_files` as plain strings (cheap enough to call every poll)."""
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        return [root]
     found = []
-    for root, dirs, files in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root, f) for f in files if is_manifest_file(f))
-    return sorted(found)
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(top, f) for f in files if is_manifest_file(f))
+    found.sort(key=lambda f: f.split(os.sep))
+    return found
 
 
 def load_file(path: str | os.PathLike) -> LoadResult:
