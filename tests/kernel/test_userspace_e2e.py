@@ -26,6 +26,8 @@ import pytest
 
 from kubelab.netlab.lab import Lab, LabSpec
 
+pytestmark = pytest.mark.timeout(180)
+
 WEB_IP = "10.96.0.20"
 STICKY_IP = "10.96.0.21"
 RETRY_IP = "10.96.0.22"
@@ -239,7 +241,7 @@ def test_udp_round_robin_and_replies_from_the_service_address(env):
     lab = env["lab"]
     # Each nc is a new client port, so a new session; nc -u connects its
     # socket, so it only accepts replies whose source is UDP_IP:9001.
-    script = f"for i in 1 2 3 4; do echo ping | nc -u -w 1 -q 1 {UDP_IP} 9001 | head -1; done"
+    script = f"for i in 1 2 3 4; do echo ping | nc -u -w 1 {UDP_IP} 9001 | head -1; done"
     r = lab.exec("default/tester", ["sh", "-c", script], timeout=60, check=False)
     assert pods_of(r.stdout.splitlines()) == {"web-1": 2, "web-2": 2}, r.stdout + r.stderr
 
@@ -247,8 +249,12 @@ def test_udp_round_robin_and_replies_from_the_service_address(env):
 def test_removed_endpoint_closes_its_connections_after_grace(env):
     lab, p = env["lab"], env["proxier"]
     svc = env["services"]["grace"]
-    long = lab.popen("default/tester", ["sh", "-c", f"sleep 60 | nc {GRACE_IP} 80"], stdout=subprocess.PIPE, text=True)
+    # The echo pod answers once it has the first bytes: say hello, then keep
+    # nc's stdin open so only the proxier can end the connection.
+    long = lab.popen("default/tester", ["nc", GRACE_IP, "80"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        long.stdin.write("hello\n")
+        long.stdin.flush()
         first = long.stdout.readline()
         victim = re.match(r"pod=(\S+)", first).group(1)
         keep = [e for e in env["web"] if not e.startswith(lab.pod_ip(victim) + ":")]
@@ -264,6 +270,7 @@ def test_removed_endpoint_closes_its_connections_after_grace(env):
         if long.poll() is None:
             long.kill()
         long.wait()
+        long.stdin.close()
         p.sync(list(env["services"].values()))
 
 
