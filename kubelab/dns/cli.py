@@ -223,7 +223,7 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
         return _fail(f"cannot listen on {', '.join(f'{h}:{p}' for h, p in listen)}: {e.strerror or e} (pick a free port with --listen ADDR:PORT; port 53 needs root)")
     log.info("serving %s on %s (udp+tcp); upstreams %s", config.settings.zone, ", ".join(f"{h}:{p}" for h, p in server.addresses), upstreams or "none")
     runners = []
-    registry = make_registry(dns.counters, forwarder, lambda: dns.ready)
+    registry = make_registry(dns.counters, forwarder, lambda: dns.ready, dns.fold_counts)
     try:
         for bind in dict.fromkeys(b for b in (args.metrics_bind_address, args.health_bind_address) if b):
             runners.append(await _http(bind, dns, registry, log))

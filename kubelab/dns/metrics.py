@@ -1,7 +1,8 @@
 """CoreDNS's metric names on prometheus-client, counted cheaply on the hot path.
 
 The server counts into plain dicts and lists (a few hundred nanoseconds per
-query); :class:`DNSCollector` turns them into CoreDNS's families only when
+query; repeated UDP queries answered from the whole-packet cache count with
+one increment on their cache entry, folded in before each scrape); :class:`DNSCollector` turns them into CoreDNS's families only when
 Prometheus scrapes: ``coredns_dns_requests_total``,
 ``coredns_dns_responses_total``, ``coredns_dns_request_duration_seconds``
 (CoreDNS's buckets: 0.25 ms doubling 16 times), ``coredns_cache_*`` and
@@ -67,12 +68,16 @@ def type_label(qtype: int) -> str:
 class DNSCollector:
     """A prometheus-client collector over :class:`DNSCounters` and the forwarder/cache stats."""
 
-    def __init__(self, counters: DNSCounters, forwarder=None, ready=None) -> None:
+    def __init__(self, counters: DNSCounters, forwarder=None, ready=None, fold=None) -> None:
         self.c = counters
         self.forwarder = forwarder
         self.ready = ready
+        # Called first on every scrape: moves counts kept per cache entry into ``counters``.
+        self.fold = fold
 
     def collect(self):
+        if self.fold is not None:
+            self.fold()
         base = ["server", "zone", "view"]
         req = CounterMetricFamily("coredns_dns_requests", "Counter of DNS requests made per zone, protocol and family.", labels=[*base, "proto", "family", "type"])
         agg: dict = {}
@@ -134,8 +139,8 @@ class DNSCollector:
             yield g
 
 
-def make_registry(counters: DNSCounters, forwarder=None, ready=None) -> CollectorRegistry:
-    """A registry of its own holding only the DNS collector."""
+def make_registry(counters: DNSCounters, forwarder=None, ready=None, fold=None) -> CollectorRegistry:
+    """A registry of its own holding only the DNS collector (``fold``: see :class:`DNSCollector`)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DNSCollector(counters, forwarder, ready))
+    reg.register(DNSCollector(counters, forwarder, ready, fold))
     return reg

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -30,13 +31,16 @@ from kubelab.dns import wire
 from kubelab.dns.answer import Reply, Responder, Settings, in_zone, render
 from kubelab.dns.forward import Forwarder
 from kubelab.dns.index import ClusterIndex
-from kubelab.dns.metrics import P_AUTOPATH, P_CACHE, P_FORWARD, P_KUBERNETES, P_NONE, DNSCounters
+from kubelab.dns.metrics import BUCKET0_NS, NBUCKETS, P_AUTOPATH, P_CACHE, P_FORWARD, P_KUBERNETES, P_NONE, DNSCounters
 from kubelab.model import EndpointSlice, Pod, Service
 from kubelab.proxy.provider import Provider
 
 DEFAULT_RECURSION_CIDRS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 MAX_TEMPLATES = 200_000  # prebuilt answers kept before the store is dropped and rebuilt on demand
 TCP_IDLE_TIMEOUT = 10.0  # CoreDNS: idle timeout of a TCP connection
+MAX_EXACT = 100_000  # whole-response entries per UDP socket before that cache is dropped and refilled
+UDP_BATCH = 256  # datagrams drained per readiness wakeup before yielding to the loop
+UDP_RCVBUF = 4 << 20  # ask for a deep receive queue so bursts wait instead of being dropped
 
 
 @dataclass
@@ -73,6 +77,8 @@ class ClusterDNS(Provider):
         self.templates: dict[bytes, wire.Template] = {}
         self.plugin_of: dict[bytes, int] = {}
         self.autopath_templates: dict[bytes, wire.Template] = {}
+        # The whole-packet caches of the UDP sockets (see _UDPServer); cleared with the templates.
+        self.exact_caches: list[ExactCache] = []
         self._gen = -1
         self._nets = [ipaddress.ip_network(c, strict=False) for c in config.recursion_cidrs]
         self._allowed: dict[str, bool] = {}
@@ -140,7 +146,14 @@ class ClusterDNS(Provider):
             self.templates.clear()
             self.plugin_of.clear()
             self.autopath_templates.clear()
+            for c in self.exact_caches:
+                c.clear()
             self._gen = self.index.generation
+
+    def fold_counts(self) -> None:
+        """Move the per-entry hit counts of the UDP whole-packet caches into :attr:`counters` (before a scrape)."""
+        for c in self.exact_caches:
+            c.fold()
 
     def recursion_allowed(self, ip: str) -> bool:
         ok = self._allowed.get(ip)
@@ -375,31 +388,156 @@ def _canonical_query(data: bytes) -> tuple[bytes, wire.Query | None, bytes | Non
 # -- sockets ---------------------------------------------------------------------
 
 
-class _UDP(asyncio.DatagramProtocol):
-    def __init__(self, dns_: ClusterDNS) -> None:
+class ExactCache:
+    """Whole responses keyed by whole queries, minus the 2-byte ID, for one UDP socket.
+
+    A plain query for a cluster name is answered from a template stamped with
+    the query's flags, question spelling and OPT; for the *same bytes* the
+    stamped answer is always the same, so the second time a client sends
+    exactly these bytes (dnsperf, a stub resolver asking again after the
+    TTL, a busy pod) the answer is one dict lookup and one concatenation.
+    Only answers that depend on nothing but the query bytes go in: templates
+    of the cluster index (not forwarded, not autopath, not TCP), at a UDP
+    size limit that the query bytes fix.
+
+    Each entry is ``[response tail, hits, duration sum ns, qtype, rcode]``;
+    hits are folded into :class:`DNSCounters` by :meth:`fold` (before each
+    scrape and whenever the cache is dropped), so the hot path counts with
+    one increment instead of four dict updates.
+    """
+
+    __slots__ = ("entries", "counters", "family")
+
+    def __init__(self, counters: DNSCounters, family: int) -> None:
+        self.entries: dict[bytes, list] = {}
+        self.counters = counters
+        self.family = family
+
+    def fold(self) -> None:
+        c = self.counters
+        req, resp, dur, dsum = c.requests, c.responses, c.durations, c.duration_sum_ns
+        for e in self.entries.values():
+            hits = e[1]
+            if not hits:
+                continue
+            qtype, rcode = e[3], e[4]
+            k = ("udp", self.family, qtype)
+            req[k] = req.get(k, 0) + hits
+            k2 = (rcode, P_KUBERNETES)
+            resp[k2] = resp.get(k2, 0) + hits
+            h = dur.get(qtype)
+            if h is None:
+                h = dur[qtype] = [0] * (NBUCKETS + 1)
+                dsum[qtype] = 0
+            h[0] += hits  # only answers faster than the first bucket bound are counted per entry
+            dsum[qtype] += e[2]
+            e[1] = 0
+            e[2] = 0
+
+    def clear(self) -> None:
+        self.fold()
+        self.entries.clear()
+
+
+class _UDPServer:
+    """One UDP socket served by draining it on readiness (no DatagramProtocol).
+
+    uvloop's DatagramProtocol costs a callback, an address tuple and a
+    transport ``sendto`` per datagram, and one epoll round per datagram
+    when the loop is idle in between.  Here the loop only says "readable":
+    :meth:`_drain` then reads up to :data:`UDP_BATCH` datagrams with plain
+    non-blocking ``recvfrom`` and answers each with ``sendto`` until the
+    queue is empty, so under load one wakeup serves many queries (the
+    recvmmsg idea, without leaving the standard library).  Queries the fast
+    paths cannot answer go to a task running :meth:`ClusterDNS.answer_slow`.
+    """
+
+    def __init__(self, dns_: ClusterDNS, sock: socket.socket) -> None:
         self.dns = dns_
-        self.transport = None
+        self.sock = sock
+        self.family = 2 if sock.family == socket.AF_INET6 else 1
+        self.exact = ExactCache(dns_.counters, self.family)
         self.tasks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.dns.exact_caches.append(self.exact)
+        self.loop.add_reader(self.sock.fileno(), self._drain)
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        t0 = time.perf_counter_ns()
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove_reader(self.sock.fileno())
+        if self.exact in self.dns.exact_caches:
+            self.exact.clear()
+            self.dns.exact_caches.remove(self.exact)
+        for t in self.tasks:
+            t.cancel()
+        self.sock.close()
+
+    def _drain(self) -> None:
         d = self.dns
-        try:
-            out = d.answer_fast(data, addr[0], False)
-        except Exception:  # noqa: BLE001 - never let one packet stop the server
-            d.log.exception("answering a UDP packet from %s", addr[0])
-            out = False
-        if out is False:
-            task = asyncio.ensure_future(self._slow(data, addr, t0))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-            return
-        out, qtype = out
-        self.transport.sendto(out, addr)
-        d.counters.observe("udp", 2 if len(addr) > 2 else 1, qtype, out[3] & 0xF, P_KUBERNETES, time.perf_counter_ns() - t0)
+        if d._gen != d.index.generation:
+            d._fresh()
+        recv = self.sock.recvfrom
+        send = self.sock.sendto
+        clock = time.perf_counter_ns
+        entries = self.exact.entries
+        get = entries.get
+        # The exact cache ignores the client address, so it is off when answers
+        # depend on it (autopath) or when every question must be logged.
+        use_exact = not d.config.autopath and d.query_log is None
+        fast = d.answer_fast
+        counters = d.counters
+        fam = self.family
+        t = clock()
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. a queued ICMP error; the socket itself is fine
+                continue
+            if use_exact:
+                e = get(data[2:])
+                if e is not None:
+                    try:
+                        send(data[:2] + e[0], addr)
+                    except OSError:  # send queue full: drop, the client retries
+                        counters.dropped += 1
+                    t1 = clock()
+                    ns = t1 - t
+                    t = t1
+                    if ns < BUCKET0_NS:
+                        e[1] += 1
+                        e[2] += ns
+                    else:
+                        counters.observe("udp", fam, e[3], e[4], P_KUBERNETES, ns)
+                    continue
+            try:
+                out = fast(data, addr[0], False)
+            except Exception:  # noqa: BLE001 - never let one packet stop the server
+                d.log.exception("answering a UDP packet from %s", addr[0])
+                out = False
+            if out is False:
+                task = asyncio.ensure_future(self._slow(data, addr, t))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                t = clock()
+                continue
+            out, qtype = out
+            try:
+                send(out, addr)
+            except OSError:
+                counters.dropped += 1
+            rcode = out[3] & 0xF
+            if use_exact and not out[2] & wire.TC:
+                if len(entries) >= MAX_EXACT:
+                    self.exact.clear()
+                entries[data[2:]] = [out[2:], 0, 0, qtype, rcode]
+            t1 = clock()
+            counters.observe("udp", fam, qtype, rcode, P_KUBERNETES, t1 - t)
+            t = t1
 
     async def _slow(self, data: bytes, addr, t0: int) -> None:
         d = self.dns
@@ -412,12 +550,34 @@ class _UDP(asyncio.DatagramProtocol):
         if out is None:
             d.counters.dropped += 1
             return
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(out, addr)
-        d.counters.observe("udp", 2 if len(addr) > 2 else 1, qtype, rcode, plugin, time.perf_counter_ns() - t0)
+        try:
+            self.sock.sendto(out, addr)
+        except OSError:
+            d.counters.dropped += 1
+            return
+        d.counters.observe("udp", self.family, qtype, rcode, plugin, time.perf_counter_ns() - t0)
 
-    def error_received(self, exc) -> None:
-        pass
+
+def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound, non-blocking UDP socket for ``host:port`` (IPv4 or IPv6 literal)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST | socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = info[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        except OSError:  # capped by net.core.rmem_max; the default queue still works
+            pass
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _TCP(asyncio.Protocol):
@@ -514,18 +674,24 @@ class DNSServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for host, port in self.listen:
-            tr, _ = await loop.create_datagram_endpoint(lambda: _UDP(self.dns), local_addr=(host, port), reuse_port=self.reuse_port or None)
-            sock = tr.get_extra_info("sockname")
-            self._udp.append(tr)
-            # TCP on the same port as UDP (the OS picks one when port is 0).
-            srv = await loop.create_server(lambda: _TCP(self.dns, self._conns), host=host, port=sock[1], reuse_port=self.reuse_port or None)
-            self._tcp.append(srv)
-            self.addresses.append((sock[0], sock[1]))
+        try:
+            for host, port in self.listen:
+                sock = udp_socket(host, port, reuse_port=self.reuse_port)
+                udp = _UDPServer(self.dns, sock)
+                self._udp.append(udp)
+                udp.start()
+                bound = sock.getsockname()
+                # TCP on the same port as UDP (the OS picks one when port is 0).
+                srv = await loop.create_server(lambda: _TCP(self.dns, self._conns), host=host, port=bound[1], reuse_port=self.reuse_port or None)
+                self._tcp.append(srv)
+                self.addresses.append((bound[0], bound[1]))
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
-        for tr in self._udp:
-            tr.close()
+        for udp in self._udp:
+            udp.close()
         for srv in self._tcp:
             srv.close()
         for c in list(self._conns):

@@ -155,7 +155,7 @@ def test_metrics_and_health(upstream):
     config = DNSConfig(settings=Settings())
     with ThreadedServer(config, *fixture_cluster(), sync=False) as s:
         port = _free_port_tcp()
-        registry = make_registry(s.dns.counters, s.dns.forwarder, lambda: s.dns.ready)
+        registry = make_registry(s.dns.counters, s.dns.forwarder, lambda: s.dns.ready, s.dns.fold_counts)
         runner = asyncio.run_coroutine_threadsafe(dns_cli._http(f"127.0.0.1:{port}", s.dns, registry, logging.getLogger("t")), s.loop).result(30)
         try:
             assert _get(port, "/health") == (200, "OK")
@@ -173,6 +173,46 @@ def test_metrics_and_health(upstream):
             assert "coredns_cache_hits_total" in text
         finally:
             asyncio.run_coroutine_threadsafe(runner.cleanup(), s.loop).result(30)
+
+
+def _udp_ask(port: int, wire_query: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(10)
+        c.sendto(wire_query, ("127.0.0.1", port))
+        return c.recv(65535)
+
+
+@pytest.mark.parametrize("edns", [False, True], ids=["plain", "edns"])
+def test_repeated_identical_udp_queries(edns):
+    """The whole-packet UDP cache: same bytes but the ID -> same answer with that ID, counted once each, dropped on change."""
+    import dns.message
+
+    from kubelab.dns.metrics import make_registry
+    from kubelab.dns.testing import svc
+
+    config = DNSConfig(settings=Settings())
+    with ThreadedServer(config, *fixture_cluster()) as s:
+        q = dns.message.make_query("Svc1.testns.svc.cluster.local", "A", use_edns=0 if edns else False)
+        answers = []
+        for qid in (1, 2, 0xBEEF, 2):
+            q.id = qid
+            r = dns.message.from_wire(_udp_ask(s.port, q.to_wire()))
+            assert r.id == qid
+            assert r.question[0].name.to_text() == "Svc1.testns.svc.cluster.local."  # the asker's case
+            answers.append([rr.to_text() for rr in r.answer])
+        assert answers == [["Svc1.testns.svc.cluster.local. 5 IN A 10.0.0.1"]] * 4
+        assert s.call(lambda d: sum(len(c.entries) for c in d.exact_caches)) == 1
+        text = make_registry(s.dns.counters, fold=s.dns.fold_counts)
+        from prometheus_client import generate_latest
+
+        out = s.call(lambda d: generate_latest(text).decode())
+        assert 'coredns_dns_requests_total{family="1",proto="udp",server="dns://:53",type="A",view="",zone="."} 4.0' in out
+        assert 'coredns_dns_responses_total{plugin="kubernetes",rcode="NOERROR",server="dns://:53",view="",zone="."} 4.0' in out
+        assert 'coredns_dns_request_duration_seconds_count{server="dns://:53",type="A",view="",zone="."} 4.0' in out
+        # An update drops the cached packet: the very same bytes now get the new address.
+        s.call(lambda d: d.on_service_update(svc("testns", "svc1", ("10.0.0.1",)), svc("testns", "svc1", ("10.0.0.99",))))
+        r = dns.message.from_wire(_udp_ask(s.port, q.to_wire()))
+        assert [rr.to_text() for rr in r.answer] == ["Svc1.testns.svc.cluster.local. 5 IN A 10.0.0.99"]
 
 
 def _free_port_tcp() -> int:
