@@ -17,7 +17,8 @@ Scheduler: ``--ipvs-scheduler`` for every virtual server, overridden per
 Service by the annotation ``ipvs.kubelab.dev/scheduler`` (kube-proxy has no
 per-Service scheduler; kube-router's ``kube-router.io/service.scheduler`` is
 honoured too, so manifests written for it work).  ``mh`` gets kube-proxy's
-source-hash flag (mh-port); sessionAffinity ClientIP makes the virtual
+source-hash flag (mh-port); ``sh`` gets sh-fallback (kubelab's addition, see
+:func:`render_service_port`); sessionAffinity ClientIP makes the virtual
 server persistent with the affinity timeout.
 
 The proxier keeps one :class:`Fragment` per service port between syncs, so
@@ -271,6 +272,11 @@ def render_service_port(
     if scheduler == "mh":
         # kube-proxy's FlagSourceHash (IP_VS_SVC_F_SCHED2 = mh-port) for the Maglev scheduler.
         flags |= FLAG_SCHED2
+    if scheduler == "sh":
+        # kubelab addition: sh-fallback.  While a removed backend drains (weight 0) the
+        # kernel's sh table still maps its clients to it; without the fallback their new
+        # connections fail, with it only they move and every other client stays put.
+        flags |= FLAG_SCHED1
 
     cat = (categorize or default_categorize())(endpoints, svc, node)
     cluster_eps = tuple(cat.cluster_endpoints or ())  # type: ignore[attr-defined]
@@ -465,6 +471,24 @@ def render_iptables(nonempty: Mapping[str, bool], lb_no_node_access: Sequence[tu
     nat.append("COMMIT")
     flt.append("COMMIT")
     return "\n".join(nat + flt) + "\n"
+
+
+def with_jumps(text: str, jumps: Sequence[tuple[str, str]]) -> str:
+    """``text`` with (table, "-I ...") lines added after each table's chain declarations."""
+    if not jumps:
+        return text
+    out: list[str] = []
+    table = ""
+    pending: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            pending = [j for t, j in jumps if t == table]
+        elif pending and not line.startswith(":"):
+            out += pending
+            pending = []
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def render(
