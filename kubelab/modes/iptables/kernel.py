@@ -28,6 +28,7 @@ RunFn = Callable[..., tuple[int, str, str]]
 
 WAIT_SECONDS = "5"  # -w: how long to wait for the xtables lock
 WAIT_INTERVAL_US = "100000"  # -W: how often to retry it
+RESTORE_TIMEOUT = 1800.0  # seconds
 
 
 class IPTablesError(RuntimeError):
@@ -76,7 +77,8 @@ class IPTables:
     def restore_all(self, text: str) -> None:
         """Apply ``text`` with ``--noflush --counters``; raise :class:`RestoreError` naming the failing line."""
         argv = [self._tool("-restore"), "-w", WAIT_SECONDS, "-W", WAIT_INTERVAL_US, "--noflush", "--counters"]
-        rc, out, err = self.run(argv, input=text)
+        # No short timeout: a first sync of ~60k chains takes minutes on the nft backend.
+        rc, out, err = self.run(argv, input=text, timeout=RESTORE_TIMEOUT)
         if rc != 0:
             msg = (err or out).strip() or f"exit status {rc}"
             m = _LINE.search(msg)
