@@ -76,7 +76,7 @@ class ClusterDNS(Provider):
         self.counters = counters if counters is not None else DNSCounters()
         self.templates: dict[bytes, wire.Template] = {}
         self.plugin_of: dict[bytes, int] = {}
-        self.autopath_templates: dict[bytes, wire.Template] = {}
+        self.autopath_templates: dict[bytes, tuple[wire.Template, bool]] = {}  # -> (answer, walk found something)
         # The whole-packet caches of the UDP sockets (see _UDPServer); cleared with the templates.
         self.exact_caches: list[ExactCache] = []
         self._gen = -1
@@ -200,7 +200,15 @@ class ClusterDNS(Provider):
             q = wire.parse_query(data)
             if q is None:
                 return False
-            t = (self.autopath_templates if self._autopath_ns(client_ip, q) is not None else self.templates).get(key)
+            if self._autopath_ns(client_ip, q) is not None:
+                hit = self.autopath_templates.get(key)
+                if hit is None:
+                    return False
+                t, found = hit
+                if found:
+                    self.counters.autopath_success += 1
+            else:
+                t = self.templates.get(key)
         else:
             t = self.templates.get(key)
         if t is None:
@@ -314,7 +322,10 @@ class ClusterDNS(Provider):
                 msg = dns.message.from_wire(render(reply, qw, q.qtype, q.qclass))
             if first_reply is None:
                 first_reply = msg
-            if msg.rcode() == wire.NXDOMAIN:
+            # CoreDNS: an element whose handler did not write to the client
+            # (plugin.ClientWrite false: SERVFAIL, REFUSED, FORMERR, NOTIMP)
+            # or that is NXDOMAIN moves the walk on; anything else is the answer.
+            if msg.rcode() in _WALK_ON:
                 continue
             # cnamer: prefix a CNAME from the asked name to the first answer's owner.
             origname = dns.name.from_text(orig)
@@ -325,21 +336,24 @@ class ClusterDNS(Provider):
                     break
             msg.question = [dns.rrset.RRset(origname, q.qclass, q.qtype)]
             self.counters.autopath_success += 1
-            return self._finish_autopath(data, q, msg, limit, dynamic)
+            return self._finish_autopath(data, q, msg, limit, dynamic, True)
         if first_reply is None:
             return wire.error_response(data, wire.SERVFAIL), q.qtype, wire.SERVFAIL, P_AUTOPATH
         first_reply.question = [dns.rrset.RRset(dns.name.from_text(orig), q.qclass, q.qtype)]
         # The client keeps walking itself: answer with the first element's reply, under the asked name.
-        return self._finish_autopath(data, q, first_reply, limit, dynamic)
+        return self._finish_autopath(data, q, first_reply, limit, dynamic, False)
 
-    def _finish_autopath(self, data, q, msg, limit, dynamic):
+    def _finish_autopath(self, data, q, msg, limit, dynamic, found):
         msg.id = 0
         msg.use_edns(False)
-        raw = msg.to_wire(max_size=65535)
+        raw = msg.to_wire(max_size=65535, want_shuffle=False)  # dnspython shuffles rdatas by default; CoreDNS keeps order
         t = wire.template_from_wire(raw)
         if not dynamic and len(self.autopath_templates) < MAX_TEMPLATES:
-            self.autopath_templates[q.key] = t
+            self.autopath_templates[q.key] = (t, found)
         return t.stamp(data, q, limit), q.qtype, t.rcode, P_AUTOPATH
+
+
+_WALK_ON = frozenset((wire.NXDOMAIN, wire.SERVFAIL, wire.REFUSED, wire.FORMERR, wire.NOTIMP))
 
 
 def _refused_msg(name: str, qtype: int):
