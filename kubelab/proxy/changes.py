@@ -284,6 +284,11 @@ class ServicePortMap(Mapping[ServicePortName, ServicePort]):
 
     def __init__(self, initial: Mapping[ServicePortName, ServicePort] | None = None) -> None:
         self._map: dict[ServicePortName, ServicePort] = dict(initial or {})
+        # Kept incrementally so a partial sync of 10k services costs O(change).
+        self._ports_per_service: dict[str, int] = {}
+        for name in self._map:
+            self._ports_per_service[name.namespaced_name] = self._ports_per_service.get(name.namespaced_name, 0) + 1
+        self._snapshot: Mapping[ServicePortName, ServicePort] | None = None
 
     def __getitem__(self, key: ServicePortName) -> ServicePort:
         return self._map[key]
@@ -303,26 +308,42 @@ class ServicePortMap(Mapping[ServicePortName, ServicePort]):
         stale_udp: set[str] = set()
         for key, change in tracker._checkout().items():
             updated.add(key)
+            self._snapshot = None
+            for name in change.current:
+                if name not in self._map:
+                    self._ports_per_service[key] = self._ports_per_service.get(key, 0) + 1
             self._map.update(change.current)
             # Ports present in both are updates, not deletions.
             for name, info in change.previous.items():
                 if name in change.current:
                     continue
                 old = self._map.pop(name, None)
-                if old is not None and old.protocol == "UDP":
-                    stale_udp.add(old.cluster_ip)
+                if old is not None:
+                    left = self._ports_per_service.get(key, 1) - 1
+                    if left:
+                        self._ports_per_service[key] = left
+                    else:
+                        self._ports_per_service.pop(key, None)
+                    if old.protocol == "UDP":
+                        stale_udp.add(old.cluster_ip)
         return UpdateServiceMapResult(frozenset(updated), frozenset(stale_udp))
 
     def snapshot(self) -> Mapping[ServicePortName, ServicePort]:
-        """An immutable copy for one sync."""
-        return MappingProxyType(dict(self._map))
+        """An immutable copy for one sync (the same object while nothing changed)."""
+        if self._snapshot is None:
+            self._snapshot = MappingProxyType(dict(self._map))
+        return self._snapshot
+
+    def service_count(self) -> int:
+        """How many services ("ns/name") have at least one port."""
+        return len(self._ports_per_service)
 
     def health_check_node_ports(self) -> dict[str, int]:
         """``{"ns/name": healthCheckNodePort}`` for services that have one."""
         return {n.namespaced_name: p.health_check_node_port for n, p in self._map.items() if p.health_check_node_port}
 
     def service_names(self) -> set[str]:
-        return {n.namespaced_name for n in self._map}
+        return set(self._ports_per_service)
 
 
 # --------------------------------------------------------------------------
@@ -556,6 +577,8 @@ class EndpointsMap(Mapping[ServicePortName, tuple[Endpoint, ...]]):
 
     def __init__(self, initial: Mapping[ServicePortName, tuple[Endpoint, ...]] | None = None) -> None:
         self._map: dict[ServicePortName, tuple[Endpoint, ...]] = dict(initial or {})
+        self._count = sum(len(v) for v in self._map.values())  # kept incrementally
+        self._snapshot: Mapping[ServicePortName, tuple[Endpoint, ...]] | None = None
 
     def __getitem__(self, key: ServicePortName) -> tuple[Endpoint, ...]:
         return self._map[key]
@@ -578,15 +601,20 @@ class EndpointsMap(Mapping[ServicePortName, tuple[Endpoint, ...]]):
         for key in sorted(changes):
             previous, current = changes[key]
             updated.add(key)
+            self._snapshot = None
             for name in previous:
-                self._map.pop(name, None)
+                self._count -= len(self._map.pop(name, ()))
+            for name, eps in current.items():
+                self._count += len(eps) - len(self._map.get(name, ()))
             self._map.update(current)
             _detect_stale_udp(previous, current, deleted_udp, newly_active)
         return UpdateEndpointsMapResult(frozenset(updated), tuple(deleted_udp), frozenset(newly_active), times)
 
     def snapshot(self) -> Mapping[ServicePortName, tuple[Endpoint, ...]]:
-        """An immutable copy for one sync."""
-        return MappingProxyType(dict(self._map))
+        """An immutable copy for one sync (the same object while nothing changed)."""
+        if self._snapshot is None:
+            self._snapshot = MappingProxyType(dict(self._map))
+        return self._snapshot
 
     def local_ready_endpoints(self) -> dict[str, int]:
         """``{"ns/name": number of distinct local ready endpoint IPs}`` (health check node ports)."""
@@ -600,7 +628,8 @@ class EndpointsMap(Mapping[ServicePortName, tuple[Endpoint, ...]]):
         return {k: len(v) for k, v in ips.items()}
 
     def endpoint_count(self) -> int:
-        return sum(len(v) for v in self._map.values())
+        """Endpoints over all service ports (an endpoint serving two ports counts twice)."""
+        return self._count
 
 
 def _detect_stale_udp(

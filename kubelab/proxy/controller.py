@@ -32,7 +32,8 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from kubelab.model import EndpointSlice, Node, Service, ServicePortName
@@ -98,6 +99,7 @@ class ProxyController(Provider):
         self.service_map = ServicePortMap()
         self.endpoints_map = EndpointsMap()
         self.services: dict[str, Service] = {}
+        self._services_view: Mapping[str, Service] | None = None  # immutable copy, rebuilt after changes
         self.services_synced = False
         self.endpoint_slices_synced = False
         self.need_full_sync = True
@@ -143,6 +145,7 @@ class ProxyController(Provider):
             self.services.pop(key, None)
         else:
             self.services[key] = new
+        self._services_view = None
         if self.service_changes.update(old, new) and self.is_initialized():
             self._queue()
 
@@ -227,8 +230,13 @@ class ProxyController(Provider):
             deleted_udp_cluster_ips=frozenset(c.deleted_udp_cluster_ips),
             deleted_udp_endpoints=tuple(c.deleted_udp_endpoints),
             newly_active_udp_services=frozenset(c.newly_active_udp_services),
-            services=dict(self.services),
+            services=self._services(),
         )
+
+    def _services(self) -> Mapping[str, Service]:
+        if self._services_view is None:
+            self._services_view = MappingProxyType(dict(self.services))
+        return self._services_view
 
     async def sync_proxy_rules(self) -> None:
         """One sync: the runner's function.  Never raises (failures schedule a retry)."""
@@ -283,9 +291,9 @@ class ProxyController(Provider):
                     self.metrics.network_programming_duration.observe(max(0.0, now - t))
         if self.health is not None:
             self.health.updated()
-        services = len({name.namespaced_name for name in state.service_map})
-        # Endpoints of service ports that exist; slices may name services not (yet) known.
-        endpoints = sum(len(v) for k, v in state.endpoints_map.items() if k in state.service_map)
+        # Counts kept incrementally by the maps: a partial sync stays O(change).
+        services = self.service_map.service_count()
+        endpoints = self.endpoints_map.endpoint_count()
         self.log.info("synced %d services, %d endpoints in %.0f ms (%s)", services, endpoints, elapsed * 1000, kind)
         if self._done is not None and self.dry_run and not self.watch:
             self._done.set()

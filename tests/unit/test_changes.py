@@ -503,3 +503,44 @@ def test_local_ready_endpoints_counts_ips():
     apply(tracker, emap, s)
     assert emap.local_ready_endpoints() == {"default/web": 1}
     assert emap.endpoint_count() == 6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_counts_and_snapshots_match_recomputation(seed):
+    """Random add/update/delete sequences: the maps' incremental bookkeeping equals a recount."""
+    import random
+
+    rng = random.Random(seed)
+    st, et = ServiceChangeTracker(), EndpointsChangeTracker("node-1")
+    smap, emap = ServicePortMap(), EndpointsMap()
+    svcs: dict[str, object] = {}
+    slices: dict[str, object] = {}
+    for step in range(200):
+        name = f"s{rng.randrange(8)}"
+        nports = rng.randrange(0, 3)
+        ports = tuple(ServicePortSpec(80 + i, rng.choice(["TCP", "UDP"]), f"p{i}") for i in range(nports))
+        if rng.random() < 0.5:
+            new = make_svc(name, ports=ports) if rng.random() < 0.8 else None
+            st.update(svcs.get(name), new)
+            if new is None:
+                svcs.pop(name, None)
+            else:
+                svcs[name] = new
+        else:
+            sname = f"{name}-{rng.randrange(2)}"
+            new = make_slice(sname, name, endpoints=[sep(f"10.244.{rng.randrange(3)}.{i}") for i in range(rng.randrange(4))],
+                             ports=[EndpointPort(8080 + i, "TCP", f"p{i}") for i in range(nports)])
+            if rng.random() < 0.2 and sname in slices:
+                et.endpoint_slice_update(slices.pop(sname), True)
+            else:
+                et.endpoint_slice_update(new)
+                slices[sname] = new
+        if step % rng.choice([1, 3, 7]) == 0:
+            before = smap.snapshot()
+            smap.update(st)
+            emap.update(et)
+            assert smap.service_count() == len({n.namespaced_name for n in smap})
+            assert emap.endpoint_count() == sum(len(v) for v in emap.values())
+            assert dict(smap.snapshot()) == dict(smap) and dict(emap.snapshot()) == dict(emap)
+            assert smap.snapshot() is smap.snapshot()  # cached while unchanged
+            assert before is not None
