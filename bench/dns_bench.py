@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """dnsperf against kubelab dns and dnsmasq side by side on loopback, plus kubelab's memory at scale.
 
-    python3 bench/dns_bench.py [--services 2000] [--rounds 5] [--seconds 5] [--memory]
+    python3 bench/dns_bench.py [--services 2000] [--rounds 10] [--seconds 3] [--pin] [--memory]
 
 Both servers answer the same cluster names (A records of N services):
 kubelab from Service objects, dnsmasq from a hosts file (--addn-hosts) with
-the same names and IPs (upstream-less, --local for the zone).  Rounds
-alternate kubelab/dnsmasq (ABAB) so slow phases of the shared machine hit
-both; each round reports queries/s and latency percentiles computed from
-dnsperf -v per-query latencies.  The ratio is taken per pair, then the
-median.  ``--memory`` loads 10,000 services and 50,000 pods into a kubelab
+the same names and IPs (upstream-less, --local for the zone).  Rounds run
+in pairs whose order alternates (kubelab first, then dnsmasq first: ABBA)
+so slow phases of the shared machine hit both; each round reports
+queries/s, latency percentiles computed from dnsperf -v per-query
+latencies, and the server's CPU time per answered query (utime+stime from
+/proc, the least noisy figure on a shared box).  Ratios are taken per pair,
+then the median.  ``--pin`` runs both servers on CPU 1 and dnsperf on CPU 0
+(taskset), so each server gets the same single core and never competes
+with the load generator.  ``--memory`` loads 10,000 services and 50,000 pods into a kubelab
 dns process and reports its RSS against CoreDNS's published formula
 ((pods + services)/1000 + 54 MB).
 """
@@ -88,14 +92,23 @@ def wait_answer(port: int, name: str) -> None:
     raise RuntimeError(f"no answer for {name} on port {port}")
 
 
-def dnsperf(port: int, qfile: Path, seconds: float) -> dict:
-    r = subprocess.run(
-        ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(qfile), "-l", str(seconds), "-c", "4", "-q", "200", "-v"],
-        capture_output=True, text=True, timeout=seconds + 60,
-    )
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def dnsperf(port: int, qfile: Path, seconds: float, *, pid: int = 0, cpus: str = "") -> dict:
+    argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(qfile), "-l", str(seconds), "-c", "4", "-q", "200", "-v"]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    t0 = cpu_ticks(pid) if pid else 0
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    ticks = cpu_ticks(pid) - t0 if pid else 0
     lat = []
     qps = 0.0
     lost = 0
+    done = 0
     for line in r.stdout.splitlines():
         if line.startswith("> "):
             try:
@@ -106,9 +119,12 @@ def dnsperf(port: int, qfile: Path, seconds: float) -> dict:
             qps = float(line.split(":")[1])
         elif "Queries lost:" in line:
             lost = int(line.split(":")[1].split()[0])
+        elif "Queries completed:" in line:
+            done = int(line.split(":")[1].split()[0])
     lat.sort()
     pct = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] * 1e3 if lat else float("nan")  # noqa: E731
-    return {"qps": qps, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "lost": lost}
+    us_per_q = ticks / os.sysconf("SC_CLK_TCK") / done * 1e6 if done else float("nan")
+    return {"qps": qps, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "lost": lost, "cpu_us_per_query": us_per_q}
 
 
 def rss_of(pid: int) -> int:
@@ -118,8 +134,9 @@ def rss_of(pid: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=10, help="pairs of runs (default 10)")
+    ap.add_argument("--seconds", type=float, default=3, help="length of one dnsperf run (default 3)")
+    ap.add_argument("--pin", action="store_true", help="servers on CPU 1, dnsperf on CPU 0 (taskset)")
     ap.add_argument("--memory", action="store_true", help="also measure RSS at 10,000 services / 50,000 pods")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args()
@@ -133,9 +150,11 @@ def main() -> int:
 
     kport, mport = port_free(), port_free()
     (tmp / "server.py").write_text(SERVER)
-    kub = subprocess.Popen([sys.executable, str(tmp / "server.py"), str(n), str(kport)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    pin_server = ["taskset", "-c", "1"] if args.pin else []
+    pin_client = "0" if args.pin else ""
+    kub = subprocess.Popen([*pin_server, sys.executable, str(tmp / "server.py"), str(n), str(kport)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     dm = subprocess.Popen(
-        ["dnsmasq", "-k", "-C", "/dev/null", f"--port={mport}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+        [*pin_server, "dnsmasq", "-k", "-C", "/dev/null", f"--port={mport}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
          f"--addn-hosts={tmp / 'hosts'}", "--local=/cluster.local/", "--cache-size=10000", "--pid-file=", "--user=", "--log-facility=/dev/null"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -145,13 +164,19 @@ def main() -> int:
         wait_answer(kport, names[0][0])
         wait_answer(mport, names[0][0])
         # warm both (kubelab builds wire answers on first sight; dnsmasq fills its cache)
-        dnsperf(kport, tmp / "queries", 2)
-        dnsperf(mport, tmp / "queries", 2)
+        dnsperf(kport, tmp / "queries", 2, cpus=pin_client)
+        dnsperf(mport, tmp / "queries", 2, cpus=pin_client)
+        pids = {"kubelab": kub.pid, "dnsmasq": dm.pid}
+        order = [("kubelab", kport), ("dnsmasq", mport)]
         for i in range(args.rounds):
-            for who, port in (("kubelab", kport), ("dnsmasq", mport)):
-                r = dnsperf(port, tmp / "queries", args.seconds)
+            for who, port in order if i % 2 == 0 else order[::-1]:
+                r = dnsperf(port, tmp / "queries", args.seconds, pid=pids[who], cpus=pin_client)
                 results[who].append(r)
-                print(f"round {i + 1} {who:8s} {r['qps']:9.0f} q/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  lost {r['lost']}", flush=True)
+                print(
+                    f"round {i + 1} {who:8s} {r['qps']:9.0f} q/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+                    f"cpu {r['cpu_us_per_query']:.1f} us/query  lost {r['lost']}",
+                    flush=True,
+                )
         results["kubelab_rss_mb"] = rss_of(kub.pid) / 1e6
     finally:
         kub.stdin.close()
@@ -160,19 +185,28 @@ def main() -> int:
         kub.wait(10)
         dm.wait(10)
 
-    ratios = [k["qps"] / d["qps"] for k, d in zip(results["kubelab"], results["dnsmasq"], strict=True)]
-    p99r = [k["p99_ms"] / d["p99_ms"] for k, d in zip(results["kubelab"], results["dnsmasq"], strict=True)]
+    pairs = list(zip(results["kubelab"], results["dnsmasq"], strict=True))
+    ratios = [k["qps"] / d["qps"] for k, d in pairs]
+    p99r = [k["p99_ms"] / d["p99_ms"] for k, d in pairs]
+    cpur = [k["cpu_us_per_query"] / d["cpu_us_per_query"] for k, d in pairs]
     med = statistics.median
     print()
-    print(f"services: {n}; rounds: {args.rounds} x {args.seconds:g} s; dnsperf -c 4 -q 200 on loopback; {os.cpu_count()} cores")
+    pin = "servers pinned to CPU 1, dnsperf to CPU 0" if args.pin else "unpinned"
+    print(f"services: {n}; {args.rounds} ABBA pairs x {args.seconds:g} s; dnsperf -c 4 -q 200 on loopback; {os.cpu_count()} cores, {pin}")
     for who in ("kubelab", "dnsmasq"):
         q = [r["qps"] for r in results[who]]
         p = [r["p99_ms"] for r in results[who]]
-        print(f"{who:8s} q/s median {med(q):.0f} (min {min(q):.0f}, max {max(q):.0f}); p99 median {med(p):.3f} ms (min {min(p):.3f}, max {max(p):.3f})")
-    print(f"q/s ratio kubelab/dnsmasq: median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        c = [r["cpu_us_per_query"] for r in results[who]]
+        print(
+            f"{who:8s} q/s median {med(q):.0f} (min {min(q):.0f}, max {max(q):.0f}); p99 median {med(p):.3f} ms (min {min(p):.3f}, max {max(p):.3f}); "
+            f"cpu/query median {med(c):.1f} us (min {min(c):.1f}, max {max(c):.1f})"
+        )
+    print(f"q/s ratio kubelab/dnsmasq: median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})  (>= 1.0 is the target)")
     print(f"p99 ratio kubelab/dnsmasq: median {med(p99r):.2f} (min {min(p99r):.2f}, max {max(p99r):.2f})  (<= 1.0 is no worse)")
+    print(f"cpu/query ratio kubelab/dnsmasq: median {med(cpur):.2f} (min {min(cpur):.2f}, max {max(cpur):.2f})  (<= 1.0 is cheaper)")
     results["qps_ratio"] = ratios
     results["p99_ratio"] = p99r
+    results["cpu_ratio"] = cpur
 
     if args.memory:
         (tmp / "memory.py").write_text(MEMORY)
