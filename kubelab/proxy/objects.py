@@ -79,6 +79,7 @@ __all__ = [
     "merge_results",
     "parse_documents",
     "parse_object",
+    "parse_objects",
     "source_key",
 ]
 
