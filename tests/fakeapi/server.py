@@ -580,16 +580,20 @@ class FakeAPIServer:
             else:
                 at = self.store.rv  # not older than rv: the newest data will do
 
-        items, next_key, remaining = [], "", 0
-        snapshot = [(k, o) for k, o in self.store.snapshot(rtype, at) if f"{k[0]}/{k[1]}" > start or not start]
-        matched = [o for _, o in snapshot if self._matches(o, namespace, labels, fields)]
-        if limit and len(matched) > limit:
-            items = matched[:limit]
-            last = items[-1]["metadata"]
-            next_key = f"{last.get('namespace', '')}/{last['name']}"
-            remaining = len(matched) - limit
-        else:
-            items = matched
+        after = tuple(start.split("/", 1)) if start else None
+        items: list[dict] = []
+        next_key, remaining = "", 0
+        rest = self.store.snapshot(rtype, at, after)  # type: ignore[arg-type]
+        for _, obj in rest:
+            if not self._matches(obj, namespace, labels, fields):
+                continue
+            if limit and len(items) == limit:
+                # One more match exists: this page ends here, with a continue token.
+                last = items[-1]["metadata"]
+                next_key = f"{last.get('namespace', '')}/{last['name']}"
+                remaining = 1 + sum(1 for _, o in rest if self._matches(o, namespace, labels, fields))
+                break
+            items.append(obj)
         meta: dict[str, Any] = {"resourceVersion": str(at)}
         if next_key:
             meta["continue"] = _encode_continue(at, next_key)

@@ -13,7 +13,7 @@ import bisect
 import copy
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -90,6 +90,7 @@ class Store:
         self._data: dict[str, dict[tuple[str, str], _History]] = {}
         self.log: list[Change] = []
         self.listeners: list[Callable[[Change], None]] = []
+        self._sorted: dict[str, list[tuple[str, str]]] = {}  # key order cache, per resource
 
     @staticmethod
     def key_of(resource: ResourceType, obj: dict) -> tuple[str, str]:
@@ -105,16 +106,25 @@ class Store:
             return None
         return h.at(self.rv if rv is None else rv)
 
-    def snapshot(self, resource: ResourceType, rv: int | None = None) -> list[tuple[tuple[str, str], dict]]:
-        """Every live object of ``resource`` at revision ``rv`` (default latest), in key order."""
+    def sorted_keys(self, resource: ResourceType) -> list[tuple[str, str]]:
+        """Every key ever stored for ``resource`` (live or not), in etcd's key order."""
+        name = f"{resource.group}/{resource.plural}"
+        keys = self._sorted.get(name)
+        if keys is None:
+            keys = self._sorted[name] = sorted(self._hist(resource))
+        return keys
+
+    def snapshot(self, resource: ResourceType, rv: int | None = None,
+                 after: tuple[str, str] | None = None) -> Iterator[tuple[tuple[str, str], dict]]:
+        """Live objects of ``resource`` at revision ``rv`` (default latest), in key order, after ``after``."""
         at = self.rv if rv is None else rv
-        out = []
-        for key, h in self._hist(resource).items():
-            obj = h.at(at)
+        hists = self._hist(resource)
+        keys = self.sorted_keys(resource)
+        start = bisect.bisect_right(keys, after) if after is not None else 0
+        for key in keys[start:]:
+            obj = hists[key].at(at)
             if obj is not None:
-                out.append((key, obj))
-        out.sort(key=lambda kv: kv[0])
-        return out
+                yield key, obj
 
     def write(self, resource: ResourceType, obj: dict | None, key: tuple[str, str]) -> Change | None:
         """Create, replace (obj given) or delete (obj None) one object; returns the change."""
@@ -141,7 +151,10 @@ class Store:
             meta["creationTimestamp"] = (old or {}).get("metadata", {}).get("creationTimestamp") or now_rfc3339()
             change = Change(self.rv, resource, "MODIFIED" if old is not None else "ADDED", obj, old)
             stored = obj
-        h = self._hist(resource).setdefault(key, _History())
+        hists = self._hist(resource)
+        if key not in hists:
+            self._sorted.pop(f"{resource.group}/{resource.plural}", None)
+        h = hists.setdefault(key, _History())
         h.rvs.append(self.rv)
         h.objs.append(stored)
         self.log.append(change)
@@ -167,3 +180,4 @@ class Store:
                 h.rvs, h.objs = h.rvs[keep_from:], h.objs[keep_from:]
                 if len(h.objs) == 1 and h.objs[0] is None:
                     del hists[key]
+        self._sorted.clear()
