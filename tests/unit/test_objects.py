@@ -707,7 +707,7 @@ def test_broken_file_is_one_error_and_no_objects(text, where):
     (err,) = r.errors
     assert err.file_level and err.key is None
     assert str(err).startswith(where)
-    assert "cannot parse" in str(err) and "line" in str(err)
+    assert "cannot parse" in str(err) and "column" in str(err)
 
 
 IGNORED_DOCS = [
