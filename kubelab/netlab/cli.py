@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Run COMMAND inside TARGET's network namespace (its resolv.conf too).")
     p.add_argument("lab")
     p.add_argument("target", help="pod name (or ns/name), node name, `external` or `underlay`")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the command may run in a lab inside UML (default 600; host-kernel labs: no limit)")
+    p.add_argument("-i", "--stdin", action="store_true",
+                   help="pass this command's stdin to it in a lab inside UML (host-kernel labs always do)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command and its arguments")
 
     p = sub.add_parser("apply", help="create or update Services, Pods, Deployments from files",
@@ -119,6 +123,13 @@ def _exec(args, Lab) -> int:
     lab = Lab.attach(args.lab)
     import os
 
+    if lab.kernel == "uml":
+        # The namespaces are inside the UML kernel: run there, relay output and exit code.
+        stdin = sys.stdin.read() if args.stdin else None
+        r = lab.exec(args.target, argv, timeout=args.timeout, input=stdin)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        return r.returncode
     full = lab.exec_argv(args.target, argv)
     os.execvp(full[0], full)  # the command's own stdio and exit code
     return 0  # not reached
@@ -229,5 +240,6 @@ def print_status(state: dict, out) -> None:
         rows = [["PROCESS", "PID", "STATE", "RESTARTS", "LOG"]]
         for name, p in sorted(procs.items()):
             st = "running" if p["running"] else f"exited {p['exitCode']}"
-            rows.append([name, str(p["pid"]), st, str(p["restarts"]), p["log"]])
+            pid = str(p["pid"]) if p.get("pid") else f"{p['umlPid']} (in UML)" if p.get("umlPid") else "-"
+            rows.append([name, pid, st, str(p["restarts"]), p["log"]])
         _table(rows, out)

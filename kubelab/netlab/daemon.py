@@ -66,6 +66,11 @@ class DaemonDeps:
     lab_dir: Path
     python: str = sys.executable
     ready_fd: int | None = None
+    # Inside UML (see kubelab.netlab.umllab) there is no pipe from the host:
+    # readiness goes to a file on hostfs, and the control socket lives on the
+    # UML kernel's own tmpfs (a socket file on hostfs is not connectable from the host).
+    ready_file: Path | None = None
+    ctl_path: Path | None = None
 
 
 @dataclass
@@ -131,6 +136,10 @@ class LabDaemon:
         return 0
 
     def _report(self, message: dict) -> None:
+        if self.deps.ready_file is not None:
+            tmp = self.deps.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(message) + "\n")
+            os.replace(tmp, self.deps.ready_file)
         fd = self.deps.ready_fd
         if fd is None:
             return
@@ -156,7 +165,9 @@ class LabDaemon:
         if self.settings.proxy_mode != "none":
             for node in self.settings.nodes:
                 self.start_proxy(node.name)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.dir / "ctl.sock"))
+        ctl = self.deps.ctl_path or self.dir / "ctl.sock"
+        ctl.parent.mkdir(parents=True, exist_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(ctl))
         self.write_state()
         log.info("lab up in %.2fs", time.monotonic() - started)
 
@@ -509,11 +520,15 @@ def _connected(sock: socket.socket, addr) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubelab.netlab.daemon", description=__doc__.splitlines()[0])
     parser.add_argument("lab_dir", type=Path)
-    parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--ready-fd", type=int, default=None, help="write the one-line readiness report to this fd")
+    parser.add_argument("--ready-file", type=Path, default=None, help="... or to this file")
+    parser.add_argument("--ctl", type=Path, default=None, help="control socket (default LAB_DIR/ctl.sock)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = pickle.loads((args.lab_dir / "spec.pickle").read_bytes())
-    daemon = LabDaemon(DaemonDeps(spec=spec, lab_dir=args.lab_dir, ready_fd=args.ready_fd))
+    daemon = LabDaemon(
+        DaemonDeps(spec=spec, lab_dir=args.lab_dir, ready_fd=args.ready_fd, ready_file=args.ready_file, ctl_path=args.ctl)
+    )
     return asyncio.run(daemon.run())
 
 

@@ -28,6 +28,10 @@ client outside the cluster, on the underlay -- also ``client`` when no pod
 is named so); ``underlay``.  hostNetwork pods exec in their node.
 ``lab.address(target)`` is a target's IP.
 
+Labs with ``kernel: uml`` (and ``auto`` with the ipvs mode on a host without
+IPVS) live inside a User-Mode Linux kernel (:mod:`kubelab.netlab.umllab`);
+the API is the same, except ``popen`` and traces, which need the host kernel.
+
 Lab files are described in :mod:`kubelab.netlab.spec`, the network in
 :mod:`kubelab.netlab.topology`, what pods run in
 :mod:`kubelab.netlab.workloads`, the EndpointSlices in
@@ -114,13 +118,19 @@ class Lab:
             cls.down_by_name(name)  # leftovers of a crashed lab
         elif topology.prefix(name) and _leftover_namespaces(name):
             cls.down_by_name(name)
+        from kubelab.netlab.umllab import host_has_ipvs, resolve_kernel
+
+        kernel = resolve_kernel(spec.settings.kernel, spec.settings.proxy_mode, host_has_ipvs())
+        # A lab in UML is run by a host process that boots the kernel and the
+        # daemon inside it (kubelab.netlab.umllab); otherwise the daemon runs here.
+        module = "kubelab.netlab.umllab" if kernel == "uml" else "kubelab.netlab.daemon"
         (d / "logs").mkdir(parents=True)
         (d / "spec.pickle").write_bytes(pickle.dumps(spec))
         read_fd, write_fd = os.pipe()
         log = open(d / "logs" / "daemon.log", "ab")
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "kubelab.netlab.daemon", str(d), "--ready-fd", str(write_fd)],
+                [sys.executable, "-m", module, str(d), "--ready-fd", str(write_fd)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), start_new_session=True,
             )
         except BaseException:
@@ -196,7 +206,11 @@ class Lab:
             if ppid and _pid_alive(ppid) and _is_lab_process(ppid, d):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(ppid, signal.SIGKILL)
-        topology.teardown(name)
+        if state.get("uml"):
+            from kubelab.netlab.umllab import kill_leftover_uml
+
+            kill_leftover_uml(state["uml"])  # only does something when the host process died first
+        topology.teardown(name)  # also the /etc/netns files a lab in UML wrote through hostfs
         shutil.rmtree(d, ignore_errors=True)
 
     # ------------------------------------------------------------------
@@ -320,11 +334,27 @@ class Lab:
     def exec_argv(self, target: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns(target), *argv]
 
+    @property
+    def kernel(self) -> str:
+        """``host``, or ``uml`` when the lab lives inside a User-Mode Linux kernel."""
+        return self.state().get("kernel", "host")
+
     def exec(
         self, target: str, argv: list[str], *, timeout: float = 30.0, check: bool = False, input: str | None = None
     ) -> subprocess.CompletedProcess:
         """Run ``argv`` in a pod, node or the client; returns the CompletedProcess (text)."""
         full = self.exec_argv(target, list(argv))
+        if self.kernel == "uml":
+            # Namespaces exist only inside the UML kernel: its host process runs the command there.
+            r = self._request({"op": "exec", "argv": full, "timeout": timeout, "input": input}, timeout=timeout + 60)
+            result = subprocess.CompletedProcess(full, r["returncode"], r["stdout"], r["stderr"])
+            if r.get("timedOut") and check:
+                raise LabError(f"lab {self.name}: `{' '.join(argv)}` in {target} timed out after {timeout}s")
+            if check and result.returncode != 0:
+                raise LabError(
+                    f"lab {self.name}: `{' '.join(argv)}` in {target} exited {result.returncode}: {result.stderr.strip()}"
+                )
+            return result
         try:
             result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input,
                                     stdin=None if input is not None else subprocess.DEVNULL)
@@ -340,6 +370,8 @@ class Lab:
 
     def popen(self, target: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` in a pod, node or the client without waiting (the caller ends it)."""
+        if self.kernel == "uml":
+            raise LabError(f"lab {self.name} runs inside UML: use lab.exec() (popen works for host-kernel labs only)")
         return subprocess.Popen(self.exec_argv(target, list(argv)), **kwargs)
 
     def apply(self, source: str | Path | list | dict) -> dict:
@@ -443,7 +475,7 @@ def _cmdline(pid: int) -> str:
 def _is_lab_daemon(pid: int, d: Path) -> bool:
     # A recorded pid may have been reused by now: only signal our daemon.
     cmd = _cmdline(pid)
-    return "kubelab.netlab.daemon" in cmd and str(d) in cmd
+    return ("kubelab.netlab.daemon" in cmd or "kubelab.netlab.umllab" in cmd) and str(d) in cmd
 
 
 def _is_lab_process(pid: int, d: Path) -> bool:
