@@ -56,9 +56,10 @@ its ``Watch`` helper nor its model classes: ``Watch`` retries a 410 once by
 itself and re-watches from an RV that is gone, reads events with
 ``readline()`` (aiohttp refuses a line over its buffer size: an
 EndpointSlice with a thousand endpoints), and deserialising into model
-classes costs 3.5x a plain ``json.loads`` of the same 10,000-Service list, and
-still 1.6x json plus our own validating parser (``bench/kube_api_decode.py``,
-BENCHMARKS.md); our objects module parses plain dicts anyway.
+classes costs 3.5-13x a plain ``json.loads`` of the same 10,000-Service list
+(medians of two runs on a loaded machine), and still 1.6-2.8x json plus our
+own validating parser (``bench/kube_api_decode.py``, BENCHMARKS.md); our
+objects module parses plain dicts anyway.
 
 How the commands use it (``kubelab proxy`` and ``kubelab dns`` with
 ``--kubeconfig FILE`` or ``--in-cluster``)::
