@@ -224,14 +224,17 @@ def iperf(lab: Lab, port: int, seconds: float, pid: int) -> tuple[float, float]:
     return mbps, (c1 - c0) / (end["bytes"] / 1e9)
 
 
-def wrk(lab: Lab, port: int, seconds: float) -> float:
-    """Requests/s of ``wrk -H 'Connection: close'`` (one connection per request)."""
+def wrk(lab: Lab, port: int, seconds: float, pid: int) -> tuple[float, float]:
+    """(requests/s, relay CPU ms per 1000 connections) of ``wrk -H 'Connection: close'``."""
+    c0 = cpu_seconds(pid)
     r = lab.sh(
         ["wrk", "-t1", "-c32", f"-d{seconds}s", "-H", "Connection: close", f"http://127.0.0.1:{port}/"],
         timeout=seconds + 30,
     )
+    c1 = cpu_seconds(pid)
     m = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
-    if not m:
+    total = re.search(r"(\d+) requests in", r.stdout)
+    if not m or not total:
         raise RuntimeError(f"wrk: {r.stdout}{r.stderr}")
     errs = re.search(r"Socket errors: (.*)", r.stdout)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", r.stdout)
@@ -239,7 +242,7 @@ def wrk(lab: Lab, port: int, seconds: float) -> float:
         raise RuntimeError(f"wrk saw {non2xx.group(1)} bad responses through port {port}")
     if errs and "connect 0, read 0, write 0, timeout 0" not in errs.group(1):
         print(f"  wrk socket errors via {port}: {errs.group(1)}", file=sys.stderr)
-    return float(m.group(1))
+    return float(m.group(1)), (c1 - c0) * 1e6 / max(1, int(total.group(1)))
 
 
 def dnsperf(lab: Lab, port: int, seconds: float, inflight: int, datafile: Path) -> float:
@@ -313,14 +316,21 @@ def main() -> int:
             results.figures.append(Figure("userspace", "relay CPU per GB", subject, "CPU s/GB", summarize(ours_cpu), "haproxy",
                                           summarize(peer_cpu), paired_ratios(ours_cpu, peer_cpu), "<= 1.0", higher_is_better=False))
         if "short" in only:
-            ours_rps, peer_rps = [], []
+            ours_rps, peer_rps, ours_cpu, peer_cpu = [], [], [], []
             for i in range(args.runs):
                 prog.step(f"short connections via kubelab, run {i + 1}")
-                ours_rps.append(wrk(lab, KUBELAB_HTTP, args.seconds))
+                rps, cpu = wrk(lab, KUBELAB_HTTP, args.seconds, child_pid(ours))
+                ours_rps.append(rps)
+                ours_cpu.append(cpu)
                 prog.step(f"short connections via haproxy, run {i + 1}")
-                peer_rps.append(wrk(lab, HAPROXY_HTTP, args.seconds))
+                rps, cpu = wrk(lab, HAPROXY_HTTP, args.seconds, child_pid(peer))
+                peer_rps.append(rps)
+                peer_cpu.append(cpu)
             results.figures.append(Figure("userspace", "short connections/s (wrk, Connection: close)", subject, "conn/s",
                                           summarize(ours_rps), "haproxy", summarize(peer_rps), paired_ratios(ours_rps, peer_rps), ">= 0.7"))
+            results.figures.append(Figure("userspace", "relay CPU per connection", subject, "CPU µs/conn",
+                                          summarize(ours_cpu), "haproxy", summarize(peer_cpu), paired_ratios(ours_cpu, peer_cpu),
+                                          higher_is_better=False))
         if "udp" in only:
             for inflight in (1, 20):
                 ours_q, direct_q = [], []
