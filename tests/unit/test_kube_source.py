@@ -269,6 +269,25 @@ def test_bookmarks_move_the_resume_point(tmp_path):
     run(main())
 
 
+def test_server_side_watch_timeout_rewatches_without_relisting(tmp_path):
+    """A watch the server ends on timeoutSeconds is simply opened again from the last resourceVersion."""
+
+    async def main():
+        async with FakeAPIServer() as api:
+            api.apply(service("a", "10.96.4.10"))
+            src, rec = make_source(api, tmp_path, endpoint_slices=False, min_watch_timeout=1.0)
+            async with running(src):
+                await api.wait_for(lambda: src.synced, what="synced")
+                await api.wait_for(lambda: len(api.requests_for(op="watch")) >= 2, what="a second watch")
+                api.apply(service("b", "10.96.4.11"))
+                await api.wait_for(lambda: rec.names("on_service_add") == ["a", "b"], what="b")
+                watches = api.requests_for(op="watch")
+                assert all(1 <= int(w.query["timeoutSeconds"]) <= 2 for w in watches)
+                assert src.reflectors["services"].lists == 1
+
+    run(main())
+
+
 # ---------------------------------------------------------------- errors and back-off
 
 

@@ -631,8 +631,14 @@ class Reflector:
                         delay = max(delay, e.retry_after)
                     if e.code == 401:
                         await self._quietly(self.source.refresh_credentials(force=True))
-                self.log.warning("%s failed: %s; retrying in %.1fs (the dataplane stays as programmed)",
-                                 "list" if need_list else "watch of " + self.res.name, _describe(e), delay)
+                hint = ""
+                if isinstance(e, APIStatusError) and e.code == 403:
+                    hint = (f"; the service account needs list and watch on {self.res.name} "
+                            "(see the ClusterRoles in deploy/)")
+                elif isinstance(e, APIStatusError) and e.code == 401:
+                    hint = "; the credentials were refused (expired token? wrong kubeconfig user?)"
+                self.log.warning("%s failed: %s%s; retrying in %.1fs (the dataplane stays as programmed)",
+                                 "list" if need_list else "watch of " + self.res.name, _describe(e), hint, delay)
                 await self.source.deps.sleep(delay)
 
     async def _quietly(self, coro: Any) -> None:
