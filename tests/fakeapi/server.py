@@ -156,6 +156,7 @@ class FakeAPIServer:
         bookmark_interval: float = 60.0,
         strict: bool = True,
         host: str = "127.0.0.1",
+        expired_watch: str = "event",  # "event": 200 + ERROR event (watch cache); "http": a 410 response (etcd)
     ) -> None:
         self.store = Store()
         self.endpoint_slices = endpoint_slices
@@ -165,6 +166,7 @@ class FakeAPIServer:
         self.bookmark_interval = bookmark_interval
         self.strict = strict
         self.host = host
+        self.expired_watch = expired_watch
         self.port = 0
         self.requests: list[RequestRecord] = []
         self.violations: list[str] = []
@@ -630,7 +632,10 @@ class FakeAPIServer:
         else:
             rv = self._parse_rv(rv_param)
             if rv < self.store.compacted:
-                error = status_body(410, "Expired", f"too old resource version: {rv} ({self.store.compacted})")
+                msg = f"too old resource version: {rv} ({self.store.compacted})"
+                if self.expired_watch == "http":
+                    raise _Reject(410, "Expired", msg)
+                error = status_body(410, "Expired", msg)
             else:
                 replay = self.store.changes_since(rtype, rv)
         watcher = _Watcher(rtype, namespace, labels, fields, bookmarks)

@@ -144,9 +144,10 @@ def test_label_selectors(tmp_path, purpose, services, slices):
 # ---------------------------------------------------------------- 410 and relist
 
 
-def test_relist_after_410_computes_deletes(tmp_path):
+@pytest.mark.parametrize("expired_watch", ["event", "http"], ids=["410-as-error-event", "410-as-http-status"])
+def test_relist_after_410_computes_deletes(tmp_path, expired_watch):
     async def main():
-        async with FakeAPIServer() as api:
+        async with FakeAPIServer(expired_watch=expired_watch) as api:
             api.apply_all([service(n, f"10.96.1.{i}") for i, n in enumerate(["keep", "change", "gone"], 1)])
             api.apply(endpoint_slice("gone-1", "gone", ["10.244.3.1"]))
             src, rec = make_source(api, tmp_path)

@@ -750,7 +750,11 @@ class Reflector:
         events = 0
         try:
             if not 200 <= resp.status < 300:
-                raise status_error(resp.status, await resp.read(), resp.headers.get("Retry-After"), self._what("watch"))
+                err = status_error(resp.status, await resp.read(), resp.headers.get("Retry-After"), self._what("watch"))
+                if err.expired:
+                    # Servers without a watch cache answer a too-old resourceVersion with HTTP 410.
+                    raise _Expired(err.message or "410 Gone")
+                raise err
             async for line in iter_lines(resp.content):
                 self._event(line)
                 events += 1
