@@ -346,7 +346,7 @@ class FakeIPTables:
 
 def test_portal_tables_adds_jumps_once_and_cleanup_removes_them():
     fake = FakeIPTables()
-    tables = PortalTables(run=fake)
+    tables = PortalTables("iptables", run=fake)
     tables.apply(render_rules([], "0.0.0.0", "10.0.0.1"))
     assert fake.restored[0].count("-I ") == 3 and fake.restored[0].count("-A ") == 2
     assert len(fake.jumps) == 5
@@ -359,7 +359,7 @@ def test_portal_tables_adds_jumps_once_and_cleanup_removes_them():
 
 def test_portal_tables_reports_restore_errors():
     with pytest.raises(RuntimeError, match="line 3 failed"):
-        PortalTables(run=FakeIPTables(fail_restore=True)).apply("*nat\nCOMMIT\n")
+        PortalTables("iptables", run=FakeIPTables(fail_restore=True)).apply("*nat\nCOMMIT\n")
 
 
 # -- options and proxier ----------------------------------------------------------------

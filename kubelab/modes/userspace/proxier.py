@@ -29,7 +29,7 @@ from typing import IO
 from kubelab.model import Endpoint, NodeInfo, ServicePort, ServicePortName
 from kubelab.modes.userspace.driver import DriverOptions, Relay, TcpServicePort, UdpServicePort
 from kubelab.modes.userspace.loadbalancer import LoadBalancerRR
-from kubelab.modes.userspace.rules import Listener, Portal, PortalTables, portals_of, render_rules, run_command
+from kubelab.modes.userspace.rules import Listener, Portal, PortalTables, portals_of, render_rules
 from kubelab.proxy.provider import Dataplane, ModeDeps, SyncState
 
 # Settings with no kube-proxy flag, read from ModeDeps.extra (name -> default).
@@ -39,7 +39,7 @@ EXTRA_DEFAULTS: dict[str, object] = {
     "userspace_pipe_size": 256 * 1024,  # bytes per splice pipe
     "userspace_quarantine": 5.0,  # s an endpoint whose dial failed is tried last
     "userspace_host_ip": "",  # node IP local traffic is DNAT-ed to; default: first node IP
-    "iptables": "iptables",  # e.g. iptables-legacy (UML) or iptables-nft
+    "iptables": "",  # iptables command, e.g. iptables-legacy (UML); "" = detect the backend as kube-proxy does
 }
 
 
@@ -54,7 +54,7 @@ class UserspaceOptions:
     listen_ip: str = "0.0.0.0"
     host_ip: str = ""
     nodeport_ips: tuple[str, ...] = ()
-    iptables: str = "iptables"
+    iptables: str = ""
     quarantine: float = 5.0
     driver: DriverOptions = field(default_factory=DriverOptions)
 
@@ -224,7 +224,7 @@ class UserspaceProxier(Dataplane):
     def host_ip(self) -> str:
         """The node address host traffic is DNAT-ed to (kube-proxy's hostIP)."""
         if not self._host_ip:
-            self._host_ip = _detect_host_ip(self.deps.run or run_command)
+            self._host_ip = _detect_host_ip(self.tables.run)
         return self._host_ip
 
     def rules_text(

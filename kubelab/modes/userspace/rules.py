@@ -27,7 +27,6 @@ same transaction when missing.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -215,26 +214,35 @@ def cleanup_text(present: Iterable[Jump]) -> str:
 Runner = Callable[..., tuple[int, str, str]]
 
 
-def run_command(argv: Sequence[str], input: str | None = None) -> tuple[int, str, str]:
-    """Run ``argv`` and return (returncode, stdout, stderr)."""
-    try:
-        p = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError as e:
-        return 127, "", f"{argv[0]}: not found ({e})"
-    return p.returncode, p.stdout, p.stderr
-
-
 class PortalTables:
     """The only place that knows the iptables command lines of this mode.
 
-    (Private to the userspace room until ``kubelab.proxy.kernel`` has a
-    shared iptables seam; then this becomes a thin adapter over it.)
+    Commands go through ``run`` (``kubelab.proxy.kernel.exec.Runner`` by
+    default).  ``iptables`` names the command (``iptables``,
+    ``iptables-legacy``, ``iptables-nft``); empty means pick the backend the
+    way kube-proxy's iptables-wrapper does (the iptables room's
+    ``detect_backend``), on first use.
     """
 
-    def __init__(self, iptables: str = "iptables", run: Runner | None = None):
-        self.iptables = iptables
-        self.restore = iptables + "-restore"
-        self.run = run or run_command
+    def __init__(self, iptables: str = "", run: Runner | None = None):
+        if run is None:
+            from kubelab.proxy.kernel.exec import Runner as ExecRunner
+
+            run = ExecRunner()
+        self.run = run
+        self._iptables = iptables
+
+    @property
+    def iptables(self) -> str:
+        if not self._iptables:
+            from kubelab.modes.iptables.kernel import detect_backend
+
+            self._iptables = f"iptables-{detect_backend(self.run)}"
+        return self._iptables
+
+    @property
+    def restore(self) -> str:
+        return self.iptables + "-restore"
 
     def missing_jumps(self) -> list[Jump]:
         missing = []

@@ -64,9 +64,9 @@ def build_state(req: dict, node: NodeInfo) -> SyncState:
 def _no_iptables(argv, input=None):
     if argv and "iptables" in argv[0]:
         return 0, "", ""
-    from kubelab.modes.userspace.rules import run_command
+    from kubelab.proxy.kernel.exec import Runner
 
-    return run_command(argv, input=input)
+    return Runner()(argv, input=input)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=float, default=30.0, help="seconds before connections to removed endpoints close")
     ap.add_argument("--udp-timeout", type=float, default=0.25, help="UDP session idle timeout, seconds")
     ap.add_argument("--max-connections", type=int, default=10000)
-    ap.add_argument("--iptables", default="iptables", help="iptables command (e.g. iptables-legacy)")
+    ap.add_argument("--iptables", default="", help="iptables command (e.g. iptables-legacy); default: detect the backend")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
