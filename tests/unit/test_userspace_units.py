@@ -392,6 +392,12 @@ def test_bad_options_say_what_to_fix(cfg, message):
         UserspaceOptions.from_deps(deps(**cfg))
 
 
+def test_host_ip_skips_loopback_and_link_local():
+    d = deps()
+    d.node = NodeInfo("vm", ips=("127.0.0.1", "169.254.1.1", "fd00::2", "192.0.2.2"))
+    assert UserspaceOptions.from_deps(d).host_ip == "192.0.2.2"
+
+
 def state() -> SyncState:
     dns = ServicePortName("kube-system", "dns", "dns", "UDP")
     sctp = ServicePortName("default", "sctp", "", "SCTP")

@@ -90,9 +90,12 @@ class UserspaceOptions:
             pipe_size=int(extra["userspace_pipe_size"]),
         )
         node_ips = tuple(ip for ip in deps.node.ips if ":" not in ip)
+        # Host traffic is DNAT-ed to this address: never loopback (DNAT to
+        # 127.0.0.0/8 is dropped without route_localnet) nor link-local.
+        usable = [ip for ip in node_ips if not ipaddress.ip_address(ip).is_loopback and not ipaddress.ip_address(ip).is_link_local]
         return cls(
             listen_ip=listen_ip,
-            host_ip=str(extra["userspace_host_ip"]) or (node_ips[0] if node_ips else ""),
+            host_ip=str(extra["userspace_host_ip"]) or (usable[0] if usable else ""),
             nodeport_ips=node_ips if cfg.nodeport_addresses else (),
             iptables=str(extra["iptables"]),
             quarantine=float(extra["userspace_quarantine"]),
