@@ -217,12 +217,9 @@ def _default_parse(d: dict, origin: Origin) -> KubeObject:
 
 
 def _object_error_types() -> tuple[type[BaseException], ...]:
-    try:
-        from kubelab.proxy.objects import ObjectError
+    from kubelab.proxy.objects import ObjectError
 
-        return (ObjectError,)
-    except ImportError:  # pragma: no cover - only while the objects module is being written
-        return (ValueError,)
+    return (ObjectError,)
 
 
 @dataclass
@@ -526,8 +523,11 @@ class KubeSource:
     def deliver(self, method: str, *args: Any) -> None:
         """Call ``method`` on every handler; a handler's exception is logged, never fatal to the watch."""
         for h in self.handlers:
+            fn = getattr(h, method, None)
+            if fn is None:  # a handler that does not care about this kind
+                continue
             try:
-                getattr(h, method)(*args)
+                fn(*args)
             except Exception:
                 self.log.exception("handler %s.%s failed", type(h).__name__, method)
 
