@@ -28,7 +28,7 @@ examples:
   kubelab demo
   kubelab proxy --proxy-mode iptables --source examples/basic --dry-run
   kubelab dns --source examples/basic --listen 127.0.0.1:5353
-  kubelab resolve web --resolv-conf examples/resolv.conf --style glibc
+  kubelab resolve web --resolv-conf examples/resolv.conf --server 127.0.0.1:5353
   kubelab lab up examples/labs/basic.yaml
 
 Run 'kubelab COMMAND --help' for a command's options.
