@@ -266,6 +266,10 @@ class FakeAPIServer:
     def open_watches(self) -> int:
         return len(self._watchers)
 
+    def watching(self, plural: str) -> int:
+        """How many watches of ``plural`` ("services") are open and receiving changes now."""
+        return sum(1 for w in self._watchers if w.resource.plural == plural)
+
     def inject(self, **kw: Any) -> Fault:
         fault = Fault(**kw)
         self.faults.append(fault)

@@ -257,6 +257,7 @@ def test_bookmarks_move_the_resume_point(tmp_path):
                 for i in range(5):
                     api.apply(pod(f"p{i}", f"10.244.4.{i + 1}"))
                 before = src.reflectors["services"].resource_version
+                await api.wait_for(lambda: api.watching("services") == 1, what="the services watch to be open")
                 api.send_bookmarks()
                 await api.wait_for(lambda: src.reflectors["services"].resource_version == str(api.store.rv),
                                    what="bookmark")
