@@ -415,10 +415,11 @@ class ExactCache:
     of the cluster index (not forwarded, not autopath, not TCP), at a UDP
     size limit that the query bytes fix.
 
-    Each entry is ``[response tail, hits, duration sum ns, qtype, rcode]``;
-    hits are folded into :class:`DNSCounters` by :meth:`fold` (before each
-    scrape and whenever the cache is dropped), so the hot path counts with
-    one increment instead of four dict updates.
+    Each entry is ``[response tail, hits, duration sum ns, qtype, rcode,
+    counts per duration bucket above the first (or None)]``; hits are folded
+    into :class:`DNSCounters` by :meth:`fold` (before each scrape and
+    whenever the cache is dropped), so the hot path counts with a couple of
+    increments instead of four dict updates.
     """
 
     __slots__ = ("entries", "counters", "family")
@@ -444,7 +445,14 @@ class ExactCache:
             if h is None:
                 h = dur[qtype] = [0] * (NBUCKETS + 1)
                 dsum[qtype] = 0
-            h[0] += hits  # only answers faster than the first bucket bound are counted per entry
+            slow = e[5]
+            if slow is None:
+                h[0] += hits
+            else:
+                for b, k in enumerate(slow):
+                    h[b] += k
+                h[0] += hits - sum(slow)
+                e[5] = None
             dsum[qtype] += e[2]
             e[1] = 0
             e[2] = 0
@@ -553,7 +561,7 @@ class _UDPServer:
             if use_exact and not out[2] & wire.TC:
                 if len(entries) >= MAX_EXACT:
                     self.exact.clear()
-                entries[data[2:]] = [out[2:], 0, 0, qtype, rcode]
+                entries[data[2:]] = [out[2:], 0, 0, qtype, rcode, None]
             t1 = clock()
             counters.observe("udp", fam, qtype, rcode, P_KUBERNETES, t1 - t)
             t = t1
@@ -621,20 +629,27 @@ class _UDPServer:
                 if use_exact and not out[2] & wire.TC:
                     if len(entries) >= MAX_EXACT:
                         self.exact.clear()
-                    e = [out[2:], 0, 0, qtype, rcode]
+                    e = [out[2:], 0, 0, qtype, rcode, None]
                     entries[data[2:]] = e
                     hits.append(e)
                 else:
                     observed.append((qtype, rcode))
             counters.dropped += m.flush()
             ns = clock() - t
-            if ns < BUCKET0_NS:
+            b = (ns // BUCKET0_NS).bit_length()
+            if b == 0:
                 for e in hits:
                     e[1] += 1
                     e[2] += ns
             else:
+                if b > NBUCKETS:
+                    b = NBUCKETS
                 for e in hits:
-                    counters.observe("udp", fam, e[3], e[4], P_KUBERNETES, ns)
+                    e[1] += 1
+                    e[2] += ns
+                    if e[5] is None:
+                        e[5] = [0] * (NBUCKETS + 1)
+                    e[5][b] += 1
             for qtype, rcode in observed:
                 counters.observe("udp", fam, qtype, rcode, P_KUBERNETES, ns)
             if n < MMSG_BATCH:
@@ -770,10 +785,11 @@ class _TCP(asyncio.Protocol):
 class DNSServer:
     """UDP and TCP listeners for one :class:`ClusterDNS` (started by :meth:`start`, not the constructor)."""
 
-    def __init__(self, dns_: ClusterDNS, listen: list[tuple[str, int]], *, reuse_port: bool = False) -> None:
+    def __init__(self, dns_: ClusterDNS, listen: list[tuple[str, int]], *, reuse_port: bool = False, batched: bool | None = None) -> None:
         self.dns = dns_
         self.listen = listen
         self.reuse_port = reuse_port
+        self.batched = batched  # recvmmsg/sendmmsg: None = when available, False = plain recvfrom/sendto
         self._udp: list = []
         self._tcp: list = []
         self._conns: set = set()
@@ -784,7 +800,7 @@ class DNSServer:
         try:
             for host, port in self.listen:
                 sock = udp_socket(host, port, reuse_port=self.reuse_port)
-                udp = _UDPServer(self.dns, sock)
+                udp = _UDPServer(self.dns, sock, batched=self.batched)
                 self._udp.append(udp)
                 udp.start()
                 bound = sock.getsockname()

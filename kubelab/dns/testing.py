@@ -153,11 +153,13 @@ class ThreadedServer:
     """
 
     def __init__(
-        self, config, services=(), slices=(), pods=(), *, listen=(("127.0.0.1", 0),), upstreams=(), sync: bool = True, logger=None, query_log=None
+        self, config, services=(), slices=(), pods=(), *, listen=(("127.0.0.1", 0),), upstreams=(), sync: bool = True, logger=None, query_log=None,
+        batched: bool | None = None,
     ) -> None:
         import logging
 
         self.query_log = query_log
+        self.batched = batched
         self.config = config
         self.objects = (list(services), list(slices), list(pods))
         self.listen = list(listen)
@@ -189,7 +191,7 @@ class ThreadedServer:
         async def start():
             self.dns = ClusterDNS(self.config, self.log, forwarder=Forwarder(self.upstreams, timeout=1.0), query_log=self.query_log)
             feed(self.dns, *self.objects, sync=self.sync)
-            self.server = DNSServer(self.dns, self.listen)
+            self.server = DNSServer(self.dns, self.listen, batched=self.batched)
             await self.server.start()
             self.addresses = self.server.addresses
 

@@ -182,8 +182,9 @@ def _udp_ask(port: int, wire_query: bytes) -> bytes:
         return c.recv(65535)
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "recvfrom"])
 @pytest.mark.parametrize("edns", [False, True], ids=["plain", "edns"])
-def test_repeated_identical_udp_queries(edns):
+def test_repeated_identical_udp_queries(edns, batched):
     """The whole-packet UDP cache: same bytes but the ID -> same answer with that ID, counted once each, dropped on change."""
     import dns.message
 
@@ -191,7 +192,7 @@ def test_repeated_identical_udp_queries(edns):
     from kubelab.dns.testing import svc
 
     config = DNSConfig(settings=Settings())
-    with ThreadedServer(config, *fixture_cluster()) as s:
+    with ThreadedServer(config, *fixture_cluster(), batched=batched) as s:
         q = dns.message.make_query("Svc1.testns.svc.cluster.local", "A", use_edns=0 if edns else False)
         answers = []
         for qid in (1, 2, 0xBEEF, 2):
