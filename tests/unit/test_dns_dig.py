@@ -228,3 +228,36 @@ def _get(port: int, path: str):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["mmsg", "recvfrom"])
+def test_garbage_burst_over_udp_then_still_serving(batched):
+    """Random and truncated datagrams in bursts (so they land in shared batches) never stop the server."""
+    import random
+
+    import dns.message
+
+    rnd = random.Random(7)
+    good = [dns.message.make_query(n, t, use_edns=e).to_wire() for n, t, e in (
+        ("svc1.testns.svc.cluster.local", "A", False), ("hdls1.testns.svc.cluster.local", "SRV", 0), ("nope.testns.svc.cluster.local", "AAAA", 0),
+    )]
+    packets = []
+    for i in range(3000):
+        kind = i % 3
+        if kind == 0:
+            packets.append(bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 80))))
+        elif kind == 1:
+            g = rnd.choice(good)
+            packets.append(g[: rnd.randrange(0, len(g))])
+        else:
+            g = bytearray(rnd.choice(good))
+            for _ in range(rnd.randrange(1, 4)):
+                g[rnd.randrange(len(g))] = rnd.getrandbits(8)
+            packets.append(bytes(g))
+    with ThreadedServer(DNSConfig(settings=Settings()), *fixture_cluster(), batched=batched) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            for p in packets:
+                c.sendto(p, ("127.0.0.1", s.port))
+        q = dns.message.make_query("svc1.testns.svc.cluster.local", "A")
+        r = dns.message.from_wire(_udp_ask(s.port, q.to_wire()))
+        assert r.id == q.id and [rr.to_text() for rr in r.answer] == ["svc1.testns.svc.cluster.local. 5 IN A 10.0.0.1"]
