@@ -57,6 +57,8 @@ _EP_RDHUP = select.EPOLLRDHUP
 _EP_MASK = _EP_IN | _EP_OUT | _EP_RDHUP | select.EPOLLET
 _EP_READISH = _EP_IN | _EP_RDHUP | _EP_HUP | _EP_ERR  # the next read says what happened
 _EP_WRITEISH = _EP_OUT | _EP_HUP | _EP_ERR
+_EP_CLOSING = _EP_RDHUP | _EP_HUP | _EP_ERR
+_COPY_CHUNK = 65536  # copy-mode buffer; a read that fills it switches the flow to splice
 _ACCEPT_BATCH = 64
 _UDP_BATCH = 64
 _UDP_MAX_DATAGRAM = 65535
@@ -161,6 +163,10 @@ class Relay:
         self.stats = RelayStats()
         self.pipes = PipePool(options.pipe_size, options.pipe_pool)
         self.poller = Poller(loop, logger)
+        # One copy buffer for every connection: the loop runs one callback
+        # at a time and each read is sent (or its rest saved) before the next.
+        self.copy_buf = bytearray(_COPY_CHUNK)
+        self.copy_view = memoryview(self.copy_buf)
         self.pipe_capacity = 0  # learnt from the first pipe
         self.timeouts = dial_timeouts(options.connect_retries)
         self.active = 0  # TCP connections open (dialing or relaying)
@@ -422,24 +428,42 @@ class Poller:
 
 
 class _Dir(Flow):
-    """One direction of a connection: a Flow plus the descriptors it moves between.
+    """One direction of a connection: a Flow plus the sockets (and pipe) it moves between.
+
+    A direction starts in *copy* mode: ``recv_into`` a buffer shared by all
+    connections, ``send`` at once; only a partial send keeps bytes (at most
+    one buffer) for later.  For small messages that is two system calls and
+    no pipe; and a short ``recv`` proves the socket drained, so no EAGAIN
+    probe is needed.  The first read that fills the whole buffer marks the
+    flow as bulk: it switches to *splice* mode (socket -> pooled pipe ->
+    socket, no copy through Python) once its leftover is sent.
 
     ``readable`` / ``writable`` remember the last edge seen on the source /
-    destination until a splice meets EAGAIN.
+    destination until a call meets EAGAIN (or a short read drains it);
+    ``rdhup`` remembers that the peer's FIN was announced, so a short read
+    does not end reading before the 0 that confirms it.
     """
 
-    __slots__ = ("conn", "src", "dst", "dsock", "pr", "pw", "pipe", "readable", "writable", "stalled")
+    __slots__ = (
+        "conn", "ssock", "src", "dsock", "dst", "pipe", "pr", "pw", "spliced", "bulk",
+        "leftover", "readable", "writable", "stalled", "rdhup",
+    )
 
-    def __init__(self, conn: TcpConnection, src: int, dsock, pipe: tuple[int, int], capacity: int):
-        super().__init__(capacity)
+    def __init__(self, conn: TcpConnection, ssock, dsock):
+        super().__init__(_COPY_CHUNK)
         self.conn = conn
-        self.src = src
+        self.ssock = ssock
+        self.src = ssock.fileno()
         self.dsock = dsock
         self.dst = dsock.fileno()
-        self.pipe = pipe
-        self.pr, self.pw = pipe
+        self.pipe: tuple[int, int] | None = None
+        self.pr = self.pw = -1
+        self.spliced = False
+        self.bulk = False
+        self.leftover = b""
         self.readable = False
         self.writable = True
+        self.rdhup = False
         # The pipe counts slots, not bytes: a pipe full of small skbs refuses
         # more data before ``pending`` reaches the capacity.  EAGAIN on the
         # read with bytes in the pipe is therefore ambiguous: wait for a
@@ -448,6 +472,88 @@ class _Dir(Flow):
 
     def pump(self) -> bool:
         """Move what can be moved now; False if the connection was closed."""
+        if not (self._splice() if self.spliced else self._copy()):
+            return False
+        if self.should_shutdown:
+            conn = self.conn
+            self.shut()
+            if conn.done_dirs:
+                # The other direction finished already: close() sends this
+                # FIN too (both receive queues are empty, so no RST), one
+                # system call fewer per connection.
+                conn.dir_done()
+                return False
+            try:
+                self.dsock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer is gone; the other direction will notice
+            conn.dir_done()
+        return True
+
+    def _copy(self) -> bool:
+        relay = self.conn.relay
+        buf = relay.copy_buf
+        while True:
+            if self.pending:
+                if not self.writable:
+                    return True
+                try:
+                    m = self.dsock.send(self.leftover)
+                except BlockingIOError:
+                    self.writable = False
+                    return True
+                except OSError as e:
+                    self.conn.abort(e)
+                    return False
+                self.wrote(m)
+                self.leftover = self.leftover[m:]
+                if self.pending:
+                    self.writable = False  # a short send: the socket buffer is full
+                    return True
+            if self.bulk:
+                self._to_splice()
+                return self._splice()
+            if not self.readable or self.src_eof:
+                return True
+            try:
+                n = self.ssock.recv_into(buf)
+            except BlockingIOError:
+                self.readable = False
+                return True
+            except OSError as e:
+                self.conn.abort(e)
+                return False
+            self.read(n)
+            if n == 0:
+                return True
+            if n == _COPY_CHUNK:
+                self.bulk = True
+            elif not self.rdhup:
+                self.readable = False  # a short read drained the socket
+            m = 0
+            if self.writable:
+                try:
+                    m = self.dsock.send(relay.copy_view[:n])
+                except BlockingIOError:
+                    self.writable = False
+                except OSError as e:
+                    self.conn.abort(e)
+                    return False
+            self.wrote(m)
+            if m < n:
+                self.leftover = bytes(relay.copy_view[m:n])
+                self.writable = False
+
+    def _to_splice(self) -> None:
+        relay = self.conn.relay
+        self.pipe = relay.pipes.get()
+        self.pr, self.pw = self.pipe
+        if not relay.pipe_capacity:
+            relay.pipe_capacity = relay.pipes.capacity(self.pipe)
+        self.capacity = relay.pipe_capacity
+        self.spliced = True
+
+    def _splice(self) -> bool:
         while True:
             moved = False
             if self.readable and not self.src_eof and not self.stalled and self.pending < self.capacity:
@@ -478,22 +584,7 @@ class _Dir(Flow):
                         self.stalled = False
                         moved = True
             if not moved:
-                break
-        if self.should_shutdown:
-            conn = self.conn
-            self.shut()
-            if conn.done_dirs:
-                # The other direction finished already: close() sends this
-                # FIN too (both receive queues are empty, so no RST), one
-                # system call fewer per connection.
-                conn.dir_done()
-                return False
-            try:
-                self.dsock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the peer is gone; the other direction will notice
-            conn.dir_done()
-        return True
+                return True
 
 
 class TcpConnection:
@@ -615,12 +706,8 @@ class TcpConnection:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        pu, pd = relay.pipes.get(), relay.pipes.get()
-        if not relay.pipe_capacity:
-            relay.pipe_capacity = relay.pipes.capacity(pu)
-        cap = relay.pipe_capacity
-        self.up = _Dir(self, self.cfd, self.bsock, pu, cap)
-        self.down = _Dir(self, self.bfd, self.csock, pd, cap)
+        self.up = _Dir(self, self.csock, self.bsock)
+        self.down = _Dir(self, self.bsock, self.csock)
         self.port.by_endpoint.setdefault(self.endpoint, set()).add(self)
         self.poller.register(self.cfd, self._on_client)
         # The client usually spoke already (an HTTP request): move it now
@@ -631,6 +718,8 @@ class TcpConnection:
     def _on_client(self, ev: int) -> None:
         if ev & _EP_READISH:
             self.up.readable = True
+            if ev & _EP_CLOSING:
+                self.up.rdhup = True
         if ev & _EP_WRITEISH:
             self.down.writable = True
         self._pump()
@@ -643,6 +732,8 @@ class TcpConnection:
             return  # an edge from before the relay started
         if ev & _EP_READISH:
             self.down.readable = True
+            if ev & _EP_CLOSING:
+                self.down.rdhup = True
         if ev & _EP_WRITEISH:
             self.up.writable = True
         self._pump()
@@ -679,7 +770,8 @@ class TcpConnection:
             self.timer = None
         for d in (self.up, self.down):
             if d is not None:
-                relay.pipes.put(d.pipe, d.pending == 0)
+                if d.pipe is not None:
+                    relay.pipes.put(d.pipe, d.pending == 0)
                 relay.stats.bytes["in" if d is self.up else "out"] += d.bytes
         poller = self.poller
         poller.forget(self.cfd)

@@ -12,7 +12,7 @@ each input line is one request, each output line its JSON answer.
 
     SERVICE = {"name": "web", "namespace": "default", "port_name": "http",
                "protocol": "TCP", "cluster_ip": "10.96.0.20", "port": 80,
-               "node_port": 30080, "external_ips": [...], "affinity": "ClientIP",
+               "node_port": 30080, "external_ips": [...], "lb_ips": [...], "affinity": "ClientIP",
                "timeout": 60, "endpoints": ["10.244.0.2:8080", ...]}
 
 ``python3 -m kubelab.modes.userspace.standalone --node-ip 172.18.0.10
@@ -50,6 +50,7 @@ def build_state(req: dict, node: NodeInfo) -> SyncState:
             protocol=proto,
             node_port=int(s.get("node_port", 0)),
             external_ips=tuple(s.get("external_ips", ())),
+            load_balancer_vips=tuple(s.get("lb_ips", ())),
             session_affinity=s.get("affinity", "None"),
             sticky_max_age_seconds=int(s.get("timeout", 0)),
         )
@@ -61,12 +62,13 @@ def build_state(req: dict, node: NodeInfo) -> SyncState:
     return SyncState(service_map=smap, endpoints_map=emap, node=node, full_sync=bool(req.get("full_sync", True)))
 
 
-def _no_iptables(argv, input=None):
+def _no_iptables(argv, input=None, timeout=None):
+    """A runner that pretends every iptables command worked (``--no-rules``)."""
     if argv and "iptables" in argv[0]:
         return 0, "", ""
     from kubelab.proxy.kernel.exec import Runner
 
-    return Runner()(argv, input=input)
+    return Runner()(argv, input=input, timeout=timeout)
 
 
 async def serve(args: argparse.Namespace) -> None:
