@@ -13,8 +13,8 @@ inside ``send()``, so :meth:`NetlinkSocket.batch` sends requests without
 ACK flags and then collects the errors that came back, matched by sequence
 number.  (ipvsadm and libnl wait for one ACK per request.)
 
-pyroute2 remains in use where it is the right tool: creating the dummy
-link and resolving the generic netlink family id (see ``kernel.py``).
+The unit tests decode our messages with pyroute2's IPVS message classes,
+an independent check of the encoding.
 """
 
 from __future__ import annotations

@@ -37,15 +37,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kubelab.model import NodeInfo, ServicePortName
+from kubelab.model import ServicePortName
 from kubelab.modes.ipvs import render as R
 from kubelab.modes.ipvs.kernel import (
-    BITMAP_PORT,
     IPVS,
     AddressBinder,
     IPSets,
@@ -65,6 +65,41 @@ SYSCTL_EXPIRE_QUIESCENT_TEMPLATE = "net/ipv4/vs/expire_quiescent_template"
 SYSCTL_FORWARD = "net/ipv4/ip_forward"
 SYSCTL_ARP_IGNORE = "net/ipv4/conf/all/arp_ignore"
 SYSCTL_ARP_ANNOUNCE = "net/ipv4/conf/all/arp_announce"
+
+
+class ProcSysctl:
+    """Sysctls of this process's network namespace through ``/proc/sys`` (a ``sysctl`` process costs ~0.1 s in UML).
+
+    The IPVS mode's netlink adapters act on the calling process's namespace,
+    so its sysctls do too; same interface as ``kubelab.proxy.kernel.sysctl.Sysctl``.
+    """
+
+    @staticmethod
+    def _path(name: str) -> str:
+        return "/proc/sys/" + name.replace(".", "/")
+
+    def get(self, name: str) -> int:
+        try:
+            with open(self._path(name)) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            raise SysctlError(f"cannot read sysctl {name}: {exc}") from exc
+
+    def set(self, name: str, value: int) -> None:
+        try:
+            with open(self._path(name), "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            raise SysctlError(f"cannot set sysctl {name}={value}: {exc} (needs root)") from exc
+
+    def ensure(self, name: str, value: int) -> bool:
+        try:
+            if self.get(name) == value:
+                return False
+        except SysctlError:
+            pass
+        self.set(name, value)
+        return True
 
 
 class SyncError(RuntimeError):
@@ -134,7 +169,7 @@ class IPVSProxier(Dataplane):
         self._ipsets: Any = deps.extra.get("ipsets")
         self._iptables: Any = deps.extra.get("iptables")
         self._backend: str | None = deps.extra.get("iptables_backend")
-        self.sysctl = deps.extra.get("sysctl") or Sysctl(self.run)
+        self.sysctl = deps.extra.get("sysctl") or (Sysctl(self.run) if deps.run is not None else ProcSysctl())
         self.conntrack = deps.extra.get("conntrack") or Conntrack(self.run)
         self.clock = deps.extra.get("clock") or time.monotonic
         self.graceful_check_interval = float(deps.extra.get("graceful_check_interval", 5.0))
@@ -146,6 +181,7 @@ class IPVSProxier(Dataplane):
         self._set_counts: dict[str, Counter] = {}
         self._bind_counts: Counter = Counter()
         self._applied_iptables = ""
+        self._pending_jumps: list[tuple[str, str]] | None = None  # from the last save; None = verified
         self.draining: dict[tuple, Draining] = {}
         self._lock = asyncio.Lock()
         self._graceful_task: asyncio.Task | None = None
@@ -227,7 +263,8 @@ class IPVSProxier(Dataplane):
                 )
             except OSError as exc:
                 self.log.error("cannot set IPVS timeouts: %s", exc)
-        self.render_config = replace(self.render_config, random_fully=self.iptables.has_random_fully())
+        version, self._pending_jumps = self._read_jumps()
+        self.render_config = replace(self.render_config, random_fully=version >= (1, 6, 2))
         self._kernel_ready = True
 
     def _ensure_sets(self) -> dict[str, set[str]]:
@@ -244,17 +281,18 @@ class IPVSProxier(Dataplane):
             self.ipsets.create_all(missing)
         return members
 
-    def _missing_jumps(self) -> list[str]:
-        """Restore lines inserting the jumps from built-in chains that are missing.
+    def _read_jumps(self) -> tuple[tuple[int, ...], list[tuple[str, str]]]:
+        """(iptables version, restore lines inserting the missing jumps from built-in chains).
 
-        One ``iptables-save`` tells which exist (an ``iptables -C`` per rule
-        costs a process each, 0.2-0.5 s in UML); the missing ones go into the
-        sync's own restore as ``-I CHAIN 1`` lines, after the chain declarations.
+        One ``iptables-save`` answers both (each ``iptables -C`` or
+        ``--version`` costs a process, 0.2-0.5 s in UML).
         """
         ipt = self.iptables
         rc, out, err = self.run([f"{'ip6tables' if self.ip_family == 6 else 'iptables'}-{ipt.backend}-save"])
         if rc != 0:
             raise SyncError(f"cannot read iptables rules ({ipt.backend}): {(err or out).strip()}")
+        m = re.search(r"iptables-save v(\d+)\.(\d+)\.(\d+)", out)
+        version = tuple(int(x) for x in m.groups()) if m else (1, 8, 0)
         table = ""
         present: set[tuple[str, str]] = set()
         for line in out.splitlines():
@@ -262,11 +300,35 @@ class IPVSProxier(Dataplane):
                 table = line[1:].strip()
             elif line.startswith("-A "):
                 present.add((table, line[3:].strip()))
-        lines = []
-        for table, src, dst, comment in R.JUMP_CHAINS:
-            if (table, f'{src} -m comment --comment "{comment}" -j {dst}') not in present:
-                lines.append((table, f'-I {src} 1 -m comment --comment "{comment}" -j {dst}'))
-        return lines
+        missing = [
+            (table, f"-I {src} 1 {_jump_rule(comment, dst)}")
+            for table, src, dst, comment in R.JUMP_CHAINS
+            if (table, f"{src} {_jump_rule(comment, dst)}") not in present
+        ]
+        return version, missing
+
+    def _restore_with_jumps(self, text: str) -> list[str]:
+        """Full syncs: restore our chains and make sure the jumps to them exist, in one process when possible.
+
+        Steady state: the jumps are re-asserted inside the restore as
+        delete-then-insert pairs (atomic, and they stay first in their
+        chains).  If that fails -- a jump went missing, or this is the first
+        sync -- one ``iptables-save`` finds the missing ones and the restore
+        inserts just those.
+        """
+        if self._pending_jumps is None:
+            pairs = [
+                line
+                for table, src, dst, comment in R.JUMP_CHAINS
+                for line in ((table, f"-D {src} {_jump_rule(comment, dst)}"), (table, f"-I {src} 1 {_jump_rule(comment, dst)}"))
+            ]
+            if not self._restore_iptables(R.with_jumps(text, pairs), force=True, quiet=True):
+                return []
+            _, self._pending_jumps = self._read_jumps()
+        errors = self._restore_iptables(R.with_jumps(text, self._pending_jumps), force=True)
+        if not errors:
+            self._pending_jumps = None
+        return errors
 
     def _refresh_node_addresses(self) -> None:
         addrs = sorted(a for a in self.addresses.all_addresses_except_device() if _is_family(a, self.ip_family))
@@ -383,10 +445,11 @@ class IPVSProxier(Dataplane):
         errors: list[str] = []
         bound_before = self.addresses.addresses()
         kernel_vs = {vs.key: vs for vs in self.ipvs.services()}
+        kernel_rs = self.ipvs.all_real_servers() if kernel_vs else {}
 
         ops: list[IPVSOp] = []
         for key, want in desired.services.items():
-            ops += self._service_ops(want, kernel_vs.get(key))
+            ops += self._service_ops(want, kernel_vs.get(key), kernel_rs.get(key))
         # Stale virtual servers: ours, and not wanted any more.
         ours_ips = bound_before | kernel_sets.get(R.KUBE_IPVS_IPS, set())
         nodeport_ports = {
@@ -404,13 +467,11 @@ class IPVSProxier(Dataplane):
         # Addresses: bind what is wanted, unbind the rest of ours.
         for addr, code in self.addresses.bind(sorted(desired.bind - bound_before)):
             errors.append(f"cannot bind {addr} to {self.addresses.device}: {_strerror(code)}")
-        text = desired.iptables
         try:
-            text = R.with_jumps(text, self._missing_jumps())
-        except Exception as exc:
-            errors.append(f"cannot check the jump rules: {exc}")
-        errors += self._restore_iptables(text, force=True)
-        # What partial syncs compare against: the text without one-off jump inserts.
+            errors += self._restore_with_jumps(desired.iptables)
+        except SyncError as exc:
+            errors.append(str(exc))
+        # What partial syncs compare against: the text without the jump lines.
         if self._applied_iptables:
             self._applied_iptables = desired.iptables
         for addr, code in self.addresses.unbind(sorted(bound_before - desired.bind)):
@@ -528,7 +589,9 @@ class IPVSProxier(Dataplane):
 
     # -- shared --------------------------------------------------------------------
 
-    def _service_ops(self, want: R.DesiredService, have: VirtualServer | None) -> list[IPVSOp]:
+    def _service_ops(
+        self, want: R.DesiredService, have: VirtualServer | None, current_rs: list[RealServer] | None = None
+    ) -> list[IPVSOp]:
         """Ops that turn the kernel's ``have`` (None: absent) into ``want``, including real servers."""
         vs = want.vs
         if have is None:
@@ -537,7 +600,9 @@ class IPVSProxier(Dataplane):
         ops: list[IPVSOp] = []
         if not have.same_config(vs):
             ops.append(IPVSOp("set_service", vs))
-        current = {rs.key: rs for rs in self.ipvs.real_servers(vs)}
+        if current_rs is None:
+            current_rs = self.ipvs.real_servers(vs)
+        current = {rs.key: rs for rs in current_rs}
         wanted = {rs.key: rs for rs in want.real_servers}
         for key, rs in wanted.items():
             cur = current.get(key)
@@ -611,7 +676,7 @@ class IPVSProxier(Dataplane):
             out.append(f"IPVS {f}{hint}")
         return out
 
-    def _restore_iptables(self, text: str, force: bool) -> list[str]:
+    def _restore_iptables(self, text: str, force: bool, quiet: bool = False) -> list[str]:
         if not force and text == self._applied_iptables:
             return []
         from kubelab.modes.iptables.kernel import RestoreError, extract_lines
@@ -620,6 +685,8 @@ class IPVSProxier(Dataplane):
             self.iptables.restore_all(text)
         except RestoreError as exc:
             self._applied_iptables = ""
+            if quiet:
+                return [str(exc)]
             if self.metrics is not None:
                 self.metrics.iptables_restore_failures_total.inc()
             detail = f"\n{extract_lines(text, exc.line)}" if exc.line else ""
@@ -791,6 +858,10 @@ class IPVSProxier(Dataplane):
                 adapter.close()
 
 
+def _jump_rule(comment: str, dst: str) -> str:
+    return f'-m comment --comment "{comment}" -j {dst}'
+
+
 def _is_family(ip: str, family: int) -> bool:
     try:
         return ipaddress.ip_address(ip).version == family
@@ -814,5 +885,3 @@ def _strerror(code: int) -> str:
 
     return os.strerror(code)
 
-
-__all__ = ["IPVSProxier", "SyncError", "NodeInfo", "BITMAP_PORT"]
