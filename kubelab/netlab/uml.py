@@ -99,6 +99,7 @@ NETFILTER_MODULES: tuple[str, ...] = (
     "xt_tcpudp",
     "xt_recent",
     "xt_REDIRECT",
+    "xt_ipvs",
     "ipt_REJECT",
     "ip_set",
     "ip_set_hash_ip",
