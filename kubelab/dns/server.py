@@ -4,6 +4,10 @@
 :class:`kubelab.proxy.provider.Provider`), keeps a :class:`ClusterIndex`,
 and answers queries:
 
+* hottest path (UDP, :class:`ExactCache`): the very same query bytes as
+  before (minus the ID) get the very same answer bytes (with that ID) from
+  one dict lookup; datagrams come and go in batches through
+  recvmmsg/sendmmsg (:mod:`kubelab.dns.mmsg`), drained on readiness;
 * hot path (:meth:`ClusterDNS.answer_fast`): parse the question by hand,
   find a prebuilt :class:`~kubelab.dns.wire.Template` keyed by the
   lowercased question, stamp ID/flags/question/OPT, done;
