@@ -431,3 +431,36 @@ def test_render_for_dry_run_lists_listeners_and_rules():
     assert "# skipped default/sctp" in text
     assert '-A KUBE-PORTALS-CONTAINER -m comment --comment "kube-system/dns:dns" -p udp -m udp --dport 53 -d 10.96.0.53/32 -j REDIRECT --to-ports 0' in text
     assert "-A KUBE-NODEPORT-HOST" in text and "--dport 30080" in text
+
+
+def test_failed_restore_keeps_listeners_and_says_why_then_recovers():
+    """A sync whose iptables-restore fails raises (the controller retries) and keeps serving.
+
+    Opens real listeners on 0.0.0.0 (random ports); sends nothing.
+    """
+    import asyncio
+
+    async def body():
+        d = deps()
+        d.extra = {"iptables": "iptables"}
+        fake = FakeIPTables(fail_restore=True)
+        d.run = fake
+        proxier = UserspaceProxier(d)
+        await proxier.start()
+        try:
+            with pytest.raises(RuntimeError, match="iptables-restore --noflush failed .*line 3 failed"):
+                await proxier.sync_proxy_rules(state())
+            assert sorted(str(n) for n in proxier.ports) == ["default/web:http", "kube-system/dns:dns"]
+            port = proxier.ports[SVC].port
+            fake.fail_restore = False
+            await proxier.sync_proxy_rules(state())
+            assert proxier.ports[SVC].port == port  # the same listener, connections kept
+            assert f"--to-ports {port}" in fake.restored[-1]
+            # An unchanged partial sync writes nothing.
+            n = len(fake.restored)
+            await proxier.sync_proxy_rules(SyncState(**{**state().__dict__, "full_sync": False}))
+            assert len(fake.restored) == n
+        finally:
+            await proxier.stop()
+
+    asyncio.run(body())
