@@ -192,7 +192,8 @@ class Topology:
         idx = self._veth(n, veth, p, "eth0")
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
         with contextlib.suppress(Exception):  # hairpin: a pod reaching itself via its Service
-            ipr.brport("set", index=idx, hairpin_mode=1)
+            # IFLA_BRPORT_MODE is pyroute2's ``mode``; it silently ignores unknown keywords such as ``hairpin_mode``.
+            ipr.brport("set", index=idx, mode=1)
         with nsutil.entered(p):
             pipr = IPRoute()
         try:
