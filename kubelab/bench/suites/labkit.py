@@ -1,0 +1,341 @@
+"""A benchmark lab: one netlab lab in which every proxy mode takes its turn.
+
+The lab is brought up with ``proxyMode: none`` (on the host kernel, or
+inside one User-Mode Linux kernel with ``kernel: uml``), so the pods,
+addresses and kernel stay the same while the bench starts ``kubelab proxy
+--proxy-mode M`` on node1 itself, measures, stops it and runs ``kubelab
+proxy --cleanup`` before the next mode: modes alternate run by run (ABAB)
+in one kernel, which is what makes their ratios fair on a noisy machine.
+
+Topology (two nodes, so service traffic is routed and NATed like in a
+cluster): the ``client`` pod on node1, where the proxy under test runs; the
+backends on node2, each running a real server as its pod command:
+
+* ``web``   -- haproxy answering every HTTP request itself (port 8080),
+* ``bulk``  -- ``iperf3 -s`` (port 5201),
+* ``dns``   -- dnsmasq answering ``bench.test`` (port 53/UDP),
+* ``echo``  -- the lab's built-in echo server (port 9000, ``pod=NAME``).
+
+Services ``bench/web`` (80), ``bench/bulk`` (5201), ``bench/dns``
+(53/UDP) and ``bench/echo`` (9000) select them.  Clients (curl, wrk,
+iperf3, dnsperf and :mod:`kubelab.bench.suites.probe`) run in the client
+pod with ``lab.exec``; a direct connection to the pod IP is the baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubelab.netlab.lab import Lab, LabSpec
+
+PROBE = str(Path(__file__).with_name("probe.py"))
+NS = "bench"
+METRICS = "127.0.0.1:10249"
+
+RESPONDER_CFG = """\
+global
+  maxconn 4000
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  maxconn 4000
+frontend web
+  bind 0.0.0.0:8080
+  http-request return status 200 content-type text/plain string "hello from the backend"
+"""
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed; the message says which and how to look further."""
+
+
+def _svc(name: str, port: int, target: int, proto: str = "TCP", app: str | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
+            "spec": {"selector": {"app": app or name},
+                     "ports": [{"name": "p", "port": port, "targetPort": target, "protocol": proto}]}}
+
+
+def _pod(name: str, node: str, command: list[str] | None = None, ports: list[dict] | None = None,
+         app: str | None = None) -> dict:
+    container: dict = {"name": "c"}
+    if command:
+        container["command"] = command
+    if ports:
+        container["ports"] = ports
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": app or name}},
+            "spec": {"nodeName": node, "containers": [container]}}
+
+
+def echo_pod(name: str, app: str = "echo", node: str = "node2") -> dict:
+    """A pod running the lab's built-in TCP echo on 9000 (answers ``pod=NAME``)."""
+    return _pod(name, node, ports=[{"name": "echo", "containerPort": 9000}], app=app)
+
+
+def scale_services(count: int, start: int = 0) -> list[dict]:
+    """``count`` extra ClusterIP Services (namespace bench-scale) over the echo pod."""
+    return [_svc(f"s{i}", 9000, 9000, app="echo") | {"metadata": {"name": f"s{i}", "namespace": "bench-scale"}}
+            for i in range(start, start + count)]
+
+
+def probe_service() -> dict:
+    """The Service the scale suite connects to: it sorts last in kube-proxy's KUBE-SERVICES walk."""
+    svc = _svc("probe", 9000, 9000, app="echo")
+    svc["metadata"]["namespace"] = "zz-probe"
+    return svc
+
+
+@dataclass
+class RunningProxy:
+    mode: str
+    pid: int
+    log: str
+    started: float
+
+
+@dataclass
+class BenchLab:
+    """A lab for the bench (see module docstring); ``with BenchLab(...) as bl``."""
+
+    name: str
+    kernel: str = "host"  # host | uml
+    extra: list[dict] = field(default_factory=list)
+    python: str = sys.executable
+    workdir: Path | None = None
+    lab: Lab | None = None
+    proxy: RunningProxy | None = None
+    _started_pids: list[int] = field(default_factory=list)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def __enter__(self) -> BenchLab:
+        self.workdir = Path(tempfile.mkdtemp(prefix="kl-bench-"))
+        (self.workdir / "responder.cfg").write_text(RESPONDER_CFG)
+        docs = [
+            _svc("web", 80, 8080), _svc("bulk", 5201, 5201), _svc("dns", 53, 53, "UDP"), _svc("echo", 9000, 9000),
+            _pod("client", "node1"),
+            _pod("web", "node2", ["haproxy", "-db", "-f", str(self.workdir / "responder.cfg")]),
+            _pod("bulk", "node2", ["iperf3", "-s", "-p", "5201"]),
+            _pod("dns", "node2", ["dnsmasq", "-k", "-C", "/dev/null", "-p", "53", "--no-resolv", "--no-hosts",
+                                  "--address=/bench.test/10.1.2.3", "--cache-size=0", "--log-facility=/dev/null",
+                                  "--pid-file=", "--user=root", "--dns-forward-max=10000"]),
+            echo_pod("echo"),
+            *self.extra,
+        ]
+        spec = LabSpec.from_dict({"nodes": ["node1", "node2"], "proxyMode": "none", "kernel": self.kernel}, docs,
+                                 name=self.name, source="<kubelab bench>")
+        self.lab = Lab.up(spec)
+        try:
+            self.wait_backends()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.proxy is not None:
+                with contextlib.suppress(Exception):
+                    self.stop_proxy()
+        finally:
+            # Host-kernel proxies were started by us, not by the lab daemon:
+            # make sure none outlives the lab (UML ones die with the kernel).
+            if self.kernel == "host":
+                import os
+                import signal
+
+                for pid in self._started_pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            if self.lab is not None:
+                self.lab.down()
+                self.lab = None
+            if self.workdir is not None:
+                import shutil
+
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- addresses -------------------------------------------------------
+
+    def service_ip(self, name: str, namespace: str = NS) -> str:
+        return self.lab.service_ip(f"{namespace}/{name}")
+
+    def pod_ip(self, name: str) -> str:
+        return self.lab.pod_ip(f"{NS}/{name}")
+
+    def target(self, what: str, via: str) -> str:
+        """Address of backend ``what``: the pod IP (``via='direct'``) or its ClusterIP."""
+        return self.pod_ip(what) if via == "direct" else self.service_ip(what)
+
+    # -- running things --------------------------------------------------
+
+    def exec(self, where: str, argv: list[str], timeout: float = 60.0):
+        r = self.lab.exec(where if "/" in where or where.startswith("node") else f"{NS}/{where}", argv, timeout=timeout)
+        return r
+
+    def must(self, where: str, argv: list[str], timeout: float = 60.0) -> str:
+        r = self.exec(where, argv, timeout)
+        if r.returncode != 0:
+            raise BenchError(f"`{shlex.join(argv)}` in {where} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}")
+        return r.stdout
+
+    def probe(self, cmd: str, host: str, port: int, *args: str | int, timeout: float = 120.0) -> dict:
+        out = self.must("client", [self.python, PROBE, cmd, host, str(port), *map(str, args)], timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def wait_backends(self, timeout: float = 60.0) -> None:
+        """Every backend answers directly from the client pod (servers started, addresses up)."""
+        deadline = time.monotonic() + timeout
+        checks = [("web", 8080, "rtt"), ("echo", 9000, "syn"), ("bulk", 5201, "syn"), ("dns", 53, "udp")]
+        for name, port, kind in checks:
+            while True:
+                try:
+                    r = self.probe(kind, self.pod_ip(name), port, 1, timeout=30)
+                    if r["us"]:
+                        break
+                except BenchError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(f"backend {name} ({self.pod_ip(name)}:{port}) does not answer within {timeout:.0f}s; "
+                                     f"see the pod log under {self.lab.logs_dir}")
+                time.sleep(0.3)
+
+    # -- the proxy under test -------------------------------------------
+
+    def start_proxy(self, mode: str, extra_args: tuple[str, ...] = ()) -> RunningProxy:
+        """Start ``kubelab proxy --proxy-mode MODE`` on node1 and wait until it has synced and serves."""
+        if self.proxy is not None:
+            self.stop_proxy()
+        log = str(self.workdir / f"proxy-{mode}-{time.monotonic_ns()}.log")
+        argv = [self.python, "-m", "kubelab", "proxy", "--proxy-mode", mode, "--source", str(self._manifests()),
+                "--hostname-override", "node1", "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address", METRICS,
+                *extra_args]
+        script = f"{shlex.join(argv)} >{shlex.quote(log)} 2>&1 </dev/null & echo $!"
+        out = self.must("node1", ["sh", "-c", script], timeout=30)
+        pid = int(out.strip().splitlines()[-1])
+        self._started_pids.append(pid)
+        self.proxy = RunningProxy(mode, pid, log, time.time())
+        self.wait_synced()
+        return self.proxy
+
+    def _manifests(self) -> Path:
+        state = self.lab.state()
+        if self.lab.kernel == "uml":
+            return Path(state["innerDir"]) / "manifests"
+        return self.lab.manifests_dir
+
+    def metrics(self) -> dict[str, float]:
+        """The running proxy's Prometheus samples (name{labels} -> value)."""
+        r = self.exec("node1", ["curl", "-s", "--max-time", "5", f"http://{METRICS}/metrics"], timeout=20)
+        out: dict[str, float] = {}
+        if r.returncode != 0:
+            return out
+        for line in r.stdout.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[key] = float(value)
+        return out
+
+    def proxy_alive(self) -> bool:
+        return self.proxy is not None and self.exec("node1", ["kill", "-0", str(self.proxy.pid)], timeout=10).returncode == 0
+
+    def wait_synced(self, after: float = 0.0, timeout: float = 300.0) -> dict[str, float]:
+        """Wait until the proxy's last successful sync is later than ``after`` (wall clock), and return its metrics."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            last = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
+            if last > 0 and last > after:
+                return m
+            if not self.proxy_alive():
+                raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} exited; its log:\n{self.proxy_log()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} did not sync within {timeout:.0f}s; "
+                                 f"its log:\n{self.proxy_log()}")
+            time.sleep(0.2)
+
+    def proxy_log(self, lines: int = 15) -> str:
+        if self.proxy is None:
+            return ""
+        try:
+            text = Path(self.proxy.log).read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("  | " + x for x in text[-lines:])
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the running proxy process."""
+        out = self.must("node1", ["cat", f"/proc/{self.proxy.pid}/status"], timeout=10)
+        m = re.search(r"VmRSS:\s+(\d+) kB", out)
+        if not m:
+            raise BenchError(f"no VmRSS for the proxy (pid {self.proxy.pid})")
+        return int(m.group(1)) * 1024
+
+    def stop_proxy(self) -> None:
+        """Stop the proxy (SIGTERM, then SIGKILL) and remove what its mode programmed (``--cleanup``)."""
+        p = self.proxy
+        if p is None:
+            return
+        self.proxy = None
+        self.exec("node1", ["kill", "-TERM", str(p.pid)], timeout=10)
+        deadline = time.monotonic() + 20
+        while self.exec("node1", ["kill", "-0", str(p.pid)], timeout=10).returncode == 0:
+            if time.monotonic() > deadline:
+                self.exec("node1", ["kill", "-KILL", str(p.pid)], timeout=10)
+                break
+            time.sleep(0.1)
+        r = self.exec("node1", [self.python, "-m", "kubelab", "proxy", "--proxy-mode", p.mode, "--cleanup",
+                                "--hostname-override", "node1"], timeout=120)
+        if r.returncode != 0:
+            raise BenchError(f"kubelab proxy --proxy-mode {p.mode} --cleanup failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        if self.exec("node1", ["conntrack", "-F"], timeout=20).returncode != 0:
+            pass  # conntrack flush is hygiene only (no stale NAT entries between modes)
+
+    # -- clients ---------------------------------------------------------
+
+    def wrk(self, host: str, port: int, seconds: float, connections: int = 16) -> float:
+        """Short connections/s: wrk with ``Connection: close`` (every request a new TCP connection)."""
+        out = self.must("client", ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-H", "Connection: close",
+                                   f"http://{host}:{port}/"], timeout=seconds + 60)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if not m:
+            raise BenchError(f"wrk printed no rate:\n{out}")
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        if non2xx:
+            raise BenchError(f"wrk got {non2xx.group(1)} bad answers from {host}:{port}")
+        return float(m.group(1))
+
+    def iperf3(self, host: str, port: int, seconds: float) -> float:
+        """Bulk TCP throughput, MB/s, from iperf3's receiver side."""
+        out = self.must("client", ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"], timeout=seconds + 60)
+        data = json.loads(out)
+        if "error" in data:
+            raise BenchError(f"iperf3 to {host}:{port}: {data['error']}")
+        end = data["end"]["sum_received"]
+        return end["bytes"] / end["seconds"] / 1e6
+
+    def dnsperf(self, host: str, port: int, seconds: float, inflight: int = 10) -> float:
+        """UDP round trips/s: dnsperf (``inflight`` queries outstanding) to dnsmasq."""
+        qfile = self.workdir / "queries.txt"
+        if not qfile.exists():
+            qfile.write_text("bench.test A\n")
+        out = self.must("client", ["dnsperf", "-s", host, "-p", str(port), "-d", str(qfile), "-l", f"{seconds:g}",
+                                   "-q", str(inflight), "-c", "1", "-t", "2"], timeout=seconds + 60)
+        m = re.search(r"Queries per second:\s+([\d.]+)", out)
+        if not m:
+            raise BenchError(f"dnsperf printed no rate:\n{out}")
+        return float(m.group(1))
