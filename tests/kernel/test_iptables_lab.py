@@ -26,6 +26,7 @@ import collections
 import math
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -388,3 +389,154 @@ def test_hairpin_pod_reaches_itself_through_its_service(lab):
     # The loop back to the originator is masqueraded (KUBE-SEP's -s <ep> -j KUBE-MARK-MASQ),
     # else web-1 would answer itself directly and drop the reply.
     assert {s for _, s in answers} == {"10.244.0.1"}, answers
+
+
+# ---------------------------------------------------------------- churn, UDP replacement
+
+
+def test_endpoint_churn_drops_no_established_connection(lab):
+    """A long-lived stream survives endpoints being added and removed around it (and a full resync)."""
+    ip = lab.service_ip("default/stream")
+    proc = lab.popen("client1", ["nc", ip, "9100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line.strip())
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: len(lines) >= 3, 20, "the stream started")
+        serving = re.match(r"pod=(\S+) ", lines[0]).group(1)
+        other = ({"stream-1", "stream-2"} - {serving}).pop()
+        # Add one endpoint, then take the other existing one away (partial syncs rewrite
+        # the service's chains and delete a KUBE-SEP chain under the live connection).
+        lab.apply([_pod("stream-3", "node1", {"app": "stream"})])
+        lab.wait_synced(timeout=60)
+        lab.delete(f"pod/{other}", grace=0)
+        lab.wait_synced(timeout=60)
+        # ... and let a periodic full sync pass as well.
+        mark = len(lines)
+        wait_for(lambda: len(lines) >= mark + int((SYNC_PERIOD + 1) * 1000 / 50), 60, "the stream kept flowing")
+        assert proc.poll() is None, f"the stream connection ended: {proc.stderr.read() if proc.stderr else ''}"
+        seqs = [int(m.group(1)) for line in lines[1:] if (m := re.match(r"seq=(\d+) pod=(\S+)", line))]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "gap in the stream"
+        assert all(line.endswith(f"pod={serving}") for line in lines[1:]), lines[-3:]
+        # New connections use the new endpoint set.
+        answers = lab.exec("client2", ["sh", "-c", f"for i in $(seq 12); do nc -w 2 {ip} 9100 </dev/null | head -1; done"],
+                           timeout=90).stdout
+        picked = set(re.findall(r"pod=(\S+) ", answers))
+        assert picked and picked <= {serving, "stream-3"}, answers
+    finally:
+        proc.kill()
+        proc.wait()
+        t.join(5)
+
+
+def _udp(lab, ip, sourceport=40053, tries=3):
+    """One datagram from client1 to ip:53 from a fixed source port (so always the same conntrack entry)."""
+    for _ in range(tries):
+        r = lab.exec("client1", ["socat", "-t2", "-T2", "-", f"UDP:{ip}:53,sourceport={sourceport}"], input="q\n", timeout=15)
+        m = re.match(r"pod=(\S+) ", r.stdout)
+        if m:
+            return m.group(1)
+    return None
+
+
+def test_udp_recovers_after_its_backend_is_replaced(lab):
+    ip = lab.service_ip("default/udp")
+    assert _udp(lab, ip) == "udp-1"
+    lab.apply([_pod("udp-2", "node1", {"app": "udp"})])
+    lab.wait_synced(timeout=60)
+    # The flow is pinned by its conntrack entry while udp-1 lives.
+    assert _udp(lab, ip) == "udp-1"
+    lab.delete("pod/udp-1", grace=0)
+    lab.wait_synced(timeout=60)
+    # Without kube-proxy's conntrack cleanup the entry (refreshed by every datagram)
+    # would keep sending this flow to udp-1's dead address.
+    assert _udp(lab, ip) == "udp-2"
+
+
+# ---------------------------------------------------------------- faults
+
+
+def _backend(lab, node):
+    for backend in ("nft", "legacy"):
+        r = lab.exec(node, [f"iptables-{backend}-save", "-t", "nat"], timeout=30)
+        if "KUBE-SERVICES" in r.stdout:
+            return backend
+    raise AssertionError(f"no KUBE-SERVICES in {node} on either backend")
+
+
+def _answers(lab, source, ip, port=80):
+    r = lab.exec(source, ["curl", "-sS", "--max-time", "2", f"http://{ip}:{port}/"], timeout=15)
+    return r.stdout.split()[0].removeprefix("pod=") if r.returncode == 0 and r.stdout.startswith("pod=") else None
+
+
+def test_failed_restore_keeps_previous_rules_then_full_sync_repairs(lab):
+    """A foreign rule jumping to one of our chains makes the restore that deletes it fail.
+
+    kube-proxy's restore would fail the same way: the transaction is atomic, so
+    nothing of that sync is applied -- neither the deletion nor an unrelated
+    new Service -- until the reference is gone and a (full) retry succeeds.
+    """
+    from kubelab.modes.iptables.chains import service_chain_names
+
+    lab.apply([_svc("doomed", {"solo": "yes"}, HTTP)])
+    lab.wait_synced(timeout=60)
+    doomed = lab.service_ip("default/doomed")
+    assert _answers(lab, "client1", doomed) == "web-1"
+    svc_chain = service_chain_names("default/doomed:http", "tcp")[0]
+    tool = f"iptables-{_backend(lab, 'node1')}"
+    lab.exec("node1", [tool, "-t", "nat", "-N", "KL-FOREIGN"], check=True)
+    lab.exec("node1", [tool, "-t", "nat", "-A", "KL-FOREIGN", "-j", svc_chain], check=True)
+    try:
+        failures = metric(lab, "node1", "kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
+        lab.delete("service/doomed")
+        lab.apply([_svc("later", {"solo": "yes"}, HTTP)])
+        wait_for(lambda: metric(lab, "node1", "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") > failures,
+                 60, "node1's restore failed")
+        later = lab.service_ip("default/later")
+        # node2 has no foreign rule: it synced both changes.
+        wait_for(lambda: _answers(lab, "client2", later) == "web-1", 60, "node2 programmed the new service")
+        assert _answers(lab, "client2", doomed) is None
+        # node1 keeps the previous rules: the deleted service still answers, the new one does not.
+        assert _answers(lab, "client1", doomed) == "web-1"
+        assert _answers(lab, "client1", later) is None
+        # Still failing on retries (each a full sync) while the reference exists.
+        n = metric(lab, "node1", "kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
+        wait_for(lambda: metric(lab, "node1", "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") > n,
+                 3 * SYNC_PERIOD + 30, "a retry")
+        assert _answers(lab, "client1", doomed) == "web-1"
+    finally:
+        lab.exec("node1", [tool, "-t", "nat", "-F", "KL-FOREIGN"])
+        lab.exec("node1", [tool, "-t", "nat", "-X", "KL-FOREIGN"])
+    full_before = metric(lab, "node1", "kubeproxy_sync_full_proxy_rules_duration_seconds_count")
+    # The next retry (a full sync, within one back-off of at most --sync-period) succeeds.
+    wait_for(lambda: _answers(lab, "client1", later) == "web-1", 3 * SYNC_PERIOD + 30, "node1 recovered")
+    assert _answers(lab, "client1", doomed) is None
+    assert metric(lab, "node1", "kubeproxy_sync_full_proxy_rules_duration_seconds_count") > full_before
+    saved = lab.exec("node1", [f"{tool}-save", "-t", "nat"], timeout=30).stdout
+    assert svc_chain not in saved, "the stale chain is deleted once nothing references it"
+    lab.delete("service/later")
+
+
+def test_flushed_tables_are_repaired_within_a_sync_period(lab):
+    """Someone flushes and deletes every chain in node1 (``iptables -F; iptables -X`` in all tables)."""
+    web = lab.service_ip("default/web")
+    assert _answers(lab, "client1", web) in WEB
+    tool = f"iptables-{_backend(lab, 'node1')}"
+    script = "; ".join(f"{tool} -t {t} -F; {tool} -t {t} -X" for t in ("mangle", "nat", "filter"))
+    t0 = time.monotonic()
+    lab.exec("node1", ["sh", "-c", script], timeout=30)
+    # The canary monitor (or the periodic full sync, whichever comes first) rewrites everything.
+    wait_for(lambda: _answers(lab, "client1", web) in WEB, 3 * SYNC_PERIOD + 30, "the rules were repaired")
+    elapsed = time.monotonic() - t0
+    saved = lab.exec("node1", [f"{tool}-save"], timeout=30).stdout
+    for line in ("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+                 ":KUBE-PROXY-CANARY - [0:0]", "-A KUBE-POSTROUTING"):
+        assert line in saved, (line, saved)
+    # Every kind of address works again, from outside too.
+    assert {p for p, _ in curl_many(lab, "external", url_of(lab, "node-port-node1"), 6)} <= WEB
+    print(f"repaired {elapsed:.1f}s after the flush (sync-period {SYNC_PERIOD:g}s)")
