@@ -52,7 +52,10 @@ class _MMsgHdr(ctypes.Structure):
 
 def _libc():
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL keeps the GIL across the call: both calls are non-blocking
+        # (MSG_DONTWAIT), so releasing and re-taking the GIL would only add
+        # cost, and hand the interpreter to another thread mid-batch.
+        libc = ctypes.PyDLL(None, use_errno=True)
         rf, sf = libc.recvmmsg, libc.sendmmsg
     except (OSError, AttributeError):
         return None

@@ -42,7 +42,7 @@ from kubelab.proxy.provider import Provider
 DEFAULT_RECURSION_CIDRS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 MAX_TEMPLATES = 200_000  # prebuilt answers kept before the store is dropped and rebuilt on demand
 TCP_IDLE_TIMEOUT = 10.0  # CoreDNS: idle timeout of a TCP connection
-MAX_EXACT = 100_000  # whole-response entries per UDP socket before that cache is dropped and refilled
+MAX_EXACT = 50_000  # whole-response entries per UDP socket (about 300 bytes each) before that cache is dropped and refilled
 UDP_BATCH = 256  # datagrams drained per readiness wakeup before yielding to the loop
 MMSG_BATCH = 64  # datagrams per recvmmsg/sendmmsg call
 UDP_RCVBUF = 4 << 20  # ask for a deep receive queue so bursts wait instead of being dropped
