@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """dnsperf against kubelab dns and dnsmasq side by side on loopback, plus kubelab's memory at scale.
 
-    python3 bench/dns_bench.py [--services 2000] [--rounds 10] [--seconds 3] [--pin] [--memory]
+    python3 bench/dns_bench.py [--services 2000] [--rounds 10] [--seconds 3] [--pin] [--peers dnsmasq,unbound] [--memory]
 
-Both servers answer the same cluster names (A records of N services):
-kubelab from Service objects, dnsmasq from a hosts file (--addn-hosts) with
-the same names and IPs (upstream-less, --local for the zone).  Rounds run
-in pairs whose order alternates (kubelab first, then dnsmasq first: ABBA)
-so slow phases of the shared machine hit both; each round reports
+Every server answers the same cluster names (A records of N services):
+kubelab as shipped (``kubelab dns --source`` on a folder of Service
+manifests), dnsmasq from a hosts file (--addn-hosts) with the same names and
+IPs (upstream-less, --local for the zone), unbound from local-data lines in
+a static local-zone (one thread).  Each round runs every server once, the
+order reversed every other round (ABBA...) so slow phases of the shared
+machine hit all; each round reports
 queries/s, latency percentiles computed from dnsperf -v per-query
 latencies, and the server's CPU time per answered query (utime+stime from
 /proc, the least noisy figure on a shared box).  Ratios are taken per pair,
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,22 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-SERVER = textwrap.dedent(
-    """
-    import sys, gc, os
-    from kubelab.dns.answer import Settings
-    from kubelab.dns.server import DNSConfig
-    from kubelab.dns.testing import ThreadedServer, svc
-    n, port = int(sys.argv[1]), int(sys.argv[2])
-    services = [svc(f"ns{i % 50}", f"svc{i}", (f"10.96.{i // 250}.{i % 250 + 1}",)) for i in range(n)]
-    with ThreadedServer(DNSConfig(settings=Settings()), services, listen=[("127.0.0.1", port)]):
-        del services
-        gc.collect()
-        print("ready", flush=True)
-        sys.stdin.read()
-    """
-)
 
 MEMORY = textwrap.dedent(
     """
@@ -83,13 +70,15 @@ def port_free() -> int:
         return s.getsockname()[1]
 
 
-def wait_answer(port: int, name: str) -> None:
-    for _ in range(200):
+def wait_answer(port: int, name: str, proc: subprocess.Popen, who: str) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{who} exited with status {proc.returncode} before answering")
         r = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+short", "+tries=1", "+time=1", name], capture_output=True, text=True)
         if r.stdout.strip():
             return
-        time.sleep(0.05)
-    raise RuntimeError(f"no answer for {name} on port {port}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{who}: no answer for {name} on port {port}")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -131,15 +120,77 @@ def rss_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
 
 
+SERVICE_DOC = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: http, port: 80}}]
+"""
+
+
+def start_servers(args, tmp: Path, names: list[tuple[str, str]], pin_server: list[str]) -> dict:
+    """{who: (Popen, port)} for kubelab (the real CLI on a --source folder) and the peers."""
+    servers = {}
+    kport = port_free()
+    (tmp / "manifests").mkdir()
+    (tmp / "manifests" / "services.yaml").write_text(
+        "---\n".join(SERVICE_DOC.format(name=nm.split(".")[0], ns=nm.split(".")[1], ip=ip) for nm, ip in names)
+    )
+    servers["kubelab"] = (
+        subprocess.Popen(
+            [*pin_server, sys.executable, "-m", "kubelab", "dns", "--source", str(tmp / "manifests"), "--listen", f"127.0.0.1:{kport}",
+             "--upstream", f"127.0.0.1:{port_free()}", "--metrics-bind-address", "", "--health-bind-address", ""],
+            stdout=subprocess.DEVNULL, stderr=open(tmp / "kubelab.log", "w"), cwd=ROOT,
+        ),
+        kport,
+    )
+    if "dnsmasq" in args.peers:
+        mport = port_free()
+        servers["dnsmasq"] = (
+            subprocess.Popen(
+                [*pin_server, "dnsmasq", "-k", "-C", "/dev/null", f"--port={mport}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv",
+                 "--no-hosts", f"--addn-hosts={tmp / 'hosts'}", "--local=/cluster.local/", "--cache-size=10000", "--pid-file=", "--user=",
+                 "--log-facility=/dev/null"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ),
+            mport,
+        )
+    if "unbound" in args.peers:
+        uport = port_free()
+        conf = tmp / "unbound.conf"
+        conf.write_text(
+            "server:\n"
+            f"  interface: 127.0.0.1@{uport}\n  port: {uport}\n  num-threads: 1\n  do-daemonize: no\n  chroot: \"\"\n  username: \"\"\n"
+            "  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n  do-ip6: no\n  access-control: 127.0.0.0/8 allow\n"
+            "  local-zone: \"cluster.local.\" static\n"
+            + "".join(f'  local-data: "{nm}. 5 IN A {ip}"\n' for nm, ip in names)
+            + "remote-control:\n  control-enable: no\n"
+        )
+        servers["unbound"] = (
+            subprocess.Popen([*pin_server, "unbound", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=open(tmp / "unbound.log", "w")),
+            uport,
+        )
+    return servers
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=10, help="pairs of runs (default 10)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds; each runs every server once, order reversed every other round (default 10)")
     ap.add_argument("--seconds", type=float, default=3, help="length of one dnsperf run (default 3)")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 1, dnsperf on CPU 0 (taskset)")
+    ap.add_argument("--peers", default="dnsmasq,unbound", help="comma-separated peers among dnsmasq,unbound (default: both)")
     ap.add_argument("--memory", action="store_true", help="also measure RSS at 10,000 services / 50,000 pods")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args()
+    args.peers = [p for p in args.peers.split(",") if p]
+    for p in args.peers:
+        if p not in ("dnsmasq", "unbound"):
+            ap.error(f"--peers: unknown peer {p!r} (use dnsmasq and/or unbound)")
+        if not shutil.which(p):
+            ap.error(f"--peers: {p} is not installed (apt-get install {p if p != 'dnsmasq' else 'dnsmasq-base'})")
 
     n = args.services
     tmp = Path(tempfile.mkdtemp(prefix="kl-dns-bench-"))
@@ -148,52 +199,48 @@ def main() -> int:
     rnd = random.Random(1)
     (tmp / "queries").write_text("".join(f"{rnd.choice(names)[0]} A\n" for _ in range(100000)))
 
-    kport, mport = port_free(), port_free()
-    (tmp / "server.py").write_text(SERVER)
     pin_server = ["taskset", "-c", "1"] if args.pin else []
     pin_client = "0" if args.pin else ""
-    kub = subprocess.Popen([*pin_server, sys.executable, str(tmp / "server.py"), str(n), str(kport)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    dm = subprocess.Popen(
-        [*pin_server, "dnsmasq", "-k", "-C", "/dev/null", f"--port={mport}", "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
-         f"--addn-hosts={tmp / 'hosts'}", "--local=/cluster.local/", "--cache-size=10000", "--pid-file=", "--user=", "--log-facility=/dev/null"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    results = {"kubelab": [], "dnsmasq": []}
+    servers = start_servers(args, tmp, names, pin_server)
+    who_all = list(servers)
+    results: dict = {w: [] for w in who_all}
     try:
-        assert kub.stdout.readline().strip() == "ready"
-        wait_answer(kport, names[0][0])
-        wait_answer(mport, names[0][0])
-        # warm both (kubelab builds wire answers on first sight; dnsmasq fills its cache)
-        dnsperf(kport, tmp / "queries", 2, cpus=pin_client)
-        dnsperf(mport, tmp / "queries", 2, cpus=pin_client)
-        pids = {"kubelab": kub.pid, "dnsmasq": dm.pid}
-        order = [("kubelab", kport), ("dnsmasq", mport)]
+        for who, (proc, port) in servers.items():
+            wait_answer(port, names[0][0], proc, who)
+        # Warm every server: each name asked once (kubelab builds wire answers on
+        # first sight, the peers fill their caches), then a short run; timed rounds
+        # then measure the steady state only.
+        (tmp / "each-once").write_text("".join(f"{nm} A\n" for nm, _ in names))
+        for who, (_, port) in servers.items():
+            subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(tmp / "each-once"), "-n", "1", "-q", "20"],
+                           capture_output=True, timeout=300, check=True)
+            dnsperf(port, tmp / "queries", 2, cpus=pin_client)
         for i in range(args.rounds):
-            for who, port in order if i % 2 == 0 else order[::-1]:
-                r = dnsperf(port, tmp / "queries", args.seconds, pid=pids[who], cpus=pin_client)
+            for who in who_all if i % 2 == 0 else who_all[::-1]:
+                proc, port = servers[who]
+                r = dnsperf(port, tmp / "queries", args.seconds, pid=proc.pid, cpus=pin_client)
                 results[who].append(r)
                 print(
                     f"round {i + 1} {who:8s} {r['qps']:9.0f} q/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
                     f"cpu {r['cpu_us_per_query']:.1f} us/query  lost {r['lost']}",
                     flush=True,
                 )
-        results["kubelab_rss_mb"] = rss_of(kub.pid) / 1e6
+        results["kubelab_rss_mb"] = rss_of(servers["kubelab"][0].pid) / 1e6
     finally:
-        kub.stdin.close()
-        kub.terminate()
-        dm.terminate()
-        kub.wait(10)
-        dm.wait(10)
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
-    pairs = list(zip(results["kubelab"], results["dnsmasq"], strict=True))
-    ratios = [k["qps"] / d["qps"] for k, d in pairs]
-    p99r = [k["p99_ms"] / d["p99_ms"] for k, d in pairs]
-    cpur = [k["cpu_us_per_query"] / d["cpu_us_per_query"] for k, d in pairs]
     med = statistics.median
     print()
     pin = "servers pinned to CPU 1, dnsperf to CPU 0" if args.pin else "unpinned"
-    print(f"services: {n}; {args.rounds} ABBA pairs x {args.seconds:g} s; dnsperf -c 4 -q 200 on loopback; {os.cpu_count()} cores, {pin}")
-    for who in ("kubelab", "dnsmasq"):
+    print(f"services: {n}; {args.rounds} rounds (order reversed every other) x {args.seconds:g} s; dnsperf -c 4 -q 200 on loopback; {os.cpu_count()} cores, {pin}")
+    for who in who_all:
         q = [r["qps"] for r in results[who]]
         p = [r["p99_ms"] for r in results[who]]
         c = [r["cpu_us_per_query"] for r in results[who]]
@@ -201,12 +248,17 @@ def main() -> int:
             f"{who:8s} q/s median {med(q):.0f} (min {min(q):.0f}, max {max(q):.0f}); p99 median {med(p):.3f} ms (min {min(p):.3f}, max {max(p):.3f}); "
             f"cpu/query median {med(c):.1f} us (min {min(c):.1f}, max {max(c):.1f})"
         )
-    print(f"q/s ratio kubelab/dnsmasq: median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})  (>= 1.0 is the target)")
-    print(f"p99 ratio kubelab/dnsmasq: median {med(p99r):.2f} (min {min(p99r):.2f}, max {max(p99r):.2f})  (<= 1.0 is no worse)")
-    print(f"cpu/query ratio kubelab/dnsmasq: median {med(cpur):.2f} (min {min(cpur):.2f}, max {max(cpur):.2f})  (<= 1.0 is cheaper)")
-    results["qps_ratio"] = ratios
-    results["p99_ratio"] = p99r
-    results["cpu_ratio"] = cpur
+    for peer in args.peers:
+        pairs = list(zip(results["kubelab"], results[peer], strict=True))
+        ratios = [k["qps"] / d["qps"] for k, d in pairs]
+        p99r = [k["p99_ms"] / d["p99_ms"] for k, d in pairs]
+        cpur = [k["cpu_us_per_query"] / d["cpu_us_per_query"] for k, d in pairs]
+        print(f"kubelab/{peer}: q/s ratio median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) (>= 1.0 is the target); "
+              f"p99 ratio median {med(p99r):.2f} (min {min(p99r):.2f}, max {max(p99r):.2f}) (<= 1.0 is no worse); "
+              f"cpu/query ratio median {med(cpur):.2f} (min {min(cpur):.2f}, max {max(cpur):.2f}) (<= 1.0 is cheaper)")
+        results[f"qps_ratio_{peer}"] = ratios
+        results[f"p99_ratio_{peer}"] = p99r
+        results[f"cpu_ratio_{peer}"] = cpur
 
     if args.memory:
         (tmp / "memory.py").write_text(MEMORY)
