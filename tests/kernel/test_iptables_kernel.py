@@ -218,6 +218,45 @@ def test_failed_restore_keeps_previous_rules(topo, backend):
         p.cleanup()
 
 
+def test_restore_blocked_by_the_xtables_lock_keeps_previous_rules(topo, tmp_path):
+    """Another program holds the xtables lock past ``-w 5``: the restore gives up, nothing changes, the retry is full.
+
+    Legacy backend only: iptables-nft takes no lock (nf_tables transactions
+    need none) and ignores ``-w``.  The lock is a file of this test's own
+    (XTABLES_LOCKFILE), never the host's /run/xtables.lock.
+    """
+    import fcntl
+
+    lockfile = tmp_path / "xtables.lock"
+    lockfile.touch()
+    cfg = ProxyConfig(cluster_cidr=("10.244.0.0/16",))
+    deps = ModeDeps(config=cfg, node=NodeInfo(name=HOST, ips=(NODE_IP,)), logger=logging.getLogger("kl-ipt"),
+                    metrics=ProxyMetrics(), run=Runner(topo["node"], env={"XTABLES_LOCKFILE": str(lockfile)}),
+                    extra={"iptables_backend": "legacy"})
+    p = IPTablesProxier(deps)
+    b = StateBuilder(NodeInfo(name=HOST, ips=(NODE_IP,))).add(*objects())
+    try:
+        asyncio.run(p.sync_proxy_rules(b.state(full_sync=True)))
+        b.add(make_slice("ns1", "web", [ep(POD2, "node-b")], [("http", 8080, "TCP")]))
+        with open(lockfile) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(SyncError, match="previous rules stay in force") as info:
+                asyncio.run(p.sync_proxy_rules(b.state(full_sync=False)))
+            assert "xtables lock" in str(info.value), info.value
+            # Packets need no lock: the previous rules answer while it is held.
+            rc, out = curl(topo["client"], "http://172.30.0.10/")
+            assert rc == 0 and out.startswith(POD1), out
+        assert p.metrics.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 1
+        assert p.metrics.value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total") == 1
+        # Lock released: the retry (even when the controller asks for a partial one) is full.
+        asyncio.run(p.sync_proxy_rules(b.state(full_sync=False)))
+        assert p.stats.full_syncs == 2
+        rc, out = curl(topo["client"], "http://172.30.0.10/")
+        assert rc == 0 and out.startswith(POD2), out
+    finally:
+        p.cleanup()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flushed_tables_are_repaired_by_the_canary_monitor(topo, backend):
     p = make_proxier(topo["node"], backend, sync_period=0.5)

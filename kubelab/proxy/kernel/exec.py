@@ -9,9 +9,10 @@ that need no kernel pass a fake with the same call signature.
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 
 class CommandError(RuntimeError):
@@ -32,6 +33,9 @@ class Runner:
 
     netns: str = ""
     timeout: float = 120.0
+    # Extra environment for every command (e.g. XTABLES_LOCKFILE, so a test can hold
+    # a lock of its own instead of the host's /run/xtables.lock).
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         if self.netns:
@@ -46,6 +50,7 @@ class Runner:
                 capture_output=True,
                 text=True,
                 timeout=timeout or self.timeout,
+                env={**os.environ, **self.env} if self.env else None,
             )
         except FileNotFoundError as e:
             return 127, "", f"{argv[0]}: not found ({e}); install it (see scripts/apt-packages.txt)"
