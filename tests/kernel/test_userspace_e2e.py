@@ -321,10 +321,11 @@ def test_iperf3_through_the_cluster_ip(env, reverse):
     assert "error" not in result, result.get("error")
     # Control and data connections both went through the relay.  iperf3's
     # sender counts bytes still in flight when the test ends, the receiver
-    # does not, so the two differ by what the socket buffers held (exact
-    # byte counts are checked by the half-close test).
+    # does not: they differ by at most what the four socket buffers and the
+    # relay's pipe on the way can hold (tcp_wmem/tcp_rmem maxima are 4 and
+    # 6 MiB; exact byte counts are checked by the half-close test).
     sent, received = result["end"]["sum_sent"]["bytes"], result["end"]["sum_received"]["bytes"]
-    assert received > 0 and received >= 0.98 * sent, (sent, received)
+    assert received > 0 and 0 <= sent - received <= 64 << 20, (sent, received)
 
 
 def test_wrk_short_connections_without_errors(env):

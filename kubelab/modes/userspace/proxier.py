@@ -29,7 +29,7 @@ from typing import IO
 from kubelab.model import Endpoint, NodeInfo, ServicePort, ServicePortName
 from kubelab.modes.userspace.driver import DriverOptions, Relay, TcpServicePort, UdpServicePort
 from kubelab.modes.userspace.loadbalancer import LoadBalancerRR
-from kubelab.modes.userspace.rules import Listener, Portal, PortalTables, portals_of, render_rules
+from kubelab.modes.userspace.rules import FILTER_CHAINS, NAT_CHAINS, Listener, Portal, PortalTables, portals_of, render_rules
 from kubelab.proxy.provider import Dataplane, ModeDeps, SyncState
 
 # Settings with no kube-proxy flag, read from ModeDeps.extra (name -> default).
@@ -192,8 +192,25 @@ class UserspaceProxier(Dataplane):
         self.claims.clear()
 
     def cleanup(self) -> None:
-        self.tables.cleanup()
+        """Remove our chains and jumps; from both iptables backends unless one was named."""
         self.applied_rules = ""
+        if self.options.iptables:
+            self.tables.cleanup()
+            return
+        errors = []
+        for backend in ("nft", "legacy"):
+            # Touch only a backend holding our chains: restoring into an
+            # unused one would create its tables (and iptables-nft would
+            # then warn about legacy tables forever).
+            rc, out, _err = self.tables.run([f"iptables-{backend}-save"])
+            if rc != 0 or not any(c in out for c in (*NAT_CHAINS, *FILTER_CHAINS)):
+                continue
+            try:
+                PortalTables(f"iptables-{backend}", run=self.tables.run).cleanup()
+            except RuntimeError as e:
+                errors.append(str(e))
+        if errors:
+            raise RuntimeError("userspace cleanup failed: " + "; ".join(errors))
 
     def _raise_fd_limit(self) -> None:
         # A relayed connection holds 2 sockets and 2 pipes (4 fds); kube-proxy
