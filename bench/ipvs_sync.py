@@ -68,8 +68,10 @@ def inside(n: int, rounds: int) -> dict:
 
         d = Driver(cluster_cidr=("10.244.0.0/16",))
         t = time.perf_counter()
-        d.sync(full)
+        out = d.sync(full)
         res["full_cold"].append(time.perf_counter() - t)
+        for phase, secs in out["timings"].items():
+            res.setdefault(f"cold_{phase}", []).append(secs)
         count = subprocess.run(["ipvsadm", "-Sn"], capture_output=True, text=True).stdout.count("\n")
         assert count == 3 * n, f"expected {3 * n} ipvsadm lines, got {count}"
         t = time.perf_counter()
@@ -106,6 +108,10 @@ def main() -> int:
     print(f"full sync, cold          {fmt(res['full_cold'])}   ratio vs ipvsadm -R {statistics.median(res['full_cold']) / peer:.2f}")
     print(f"full resync, no changes  {fmt(res['full_resync'])}   ratio vs ipvsadm -R {statistics.median(res['full_resync']) / peer:.2f}")
     print(f"partial sync, 1 service  {fmt(res['partial'])}")
+    pairs = [c / p for c, p in zip(res["full_cold"], res["ipvsadm_restore"])]
+    print(f"cold/peer, paired per round: median {statistics.median(pairs):.2f} (min {min(pairs):.2f}, max {max(pairs):.2f})")
+    for key in sorted(k for k in res if k.startswith("cold_")):
+        print(f"  {key:22s} {fmt(res[key])}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0

@@ -182,6 +182,7 @@ class IPVSProxier(Dataplane):
         self._bind_counts: Counter = Counter()
         self._applied_iptables = ""
         self._pending_jumps: list[tuple[str, str]] | None = None  # from the last save; None = verified
+        self._apply_marks: dict[str, float] = {}
         self.draining: dict[tuple, Draining] = {}
         self._lock = asyncio.Lock()
         self._graceful_task: asyncio.Task | None = None
@@ -362,12 +363,17 @@ class IPVSProxier(Dataplane):
         full = state.full_sync or self._need_full_sync or self._fragments is None
         self._need_full_sync = True  # until this sync succeeds
         try:
+            prep = _Marks()
             self._init_kernel()
+            prep("init")
             kernel_sets: dict[str, set[str]] = {}
             if full:
                 self.addresses.ensure_device()
+                prep("device")
                 kernel_sets = self._ensure_sets()
+                prep("ipsets")
                 self._refresh_node_addresses()
+                prep("node_addresses")
         except (KernelError, OSError) as exc:
             raise SyncError(f"cannot prepare the kernel for IPVS: {exc}") from exc
         except Exception as exc:  # IPTablesError and friends
@@ -422,6 +428,9 @@ class IPVSProxier(Dataplane):
         self.stats.syncs += 1
         self.stats.full_syncs += int(full)
         self.stats.timings = {"prepare": t1 - t0, "render": t2 - t1, "apply": t3 - t2, "conntrack": t4 - t3}
+        if full:
+            self.stats.timings.update({f"prepare.{k}": v for k, v in prep.spans.items()})
+            self.stats.timings.update({f"apply.{k}": v for k, v in self._apply_marks.items()})
         self._publish_metrics(new, stats)
         if errors:
             if "failures" in self._gauges:
@@ -443,6 +452,7 @@ class IPVSProxier(Dataplane):
         self, desired: R.Desired, frags: dict[ServicePortName, R.Fragment], kernel_sets: dict[str, set[str]]
     ) -> tuple[list[str], dict]:
         errors: list[str] = []
+        mark = _Marks()
         bound_before = self.addresses.addresses()
         kernel_vs = {vs.key: vs for vs in self.ipvs.services()}
         kernel_rs = self.ipvs.all_real_servers() if kernel_vs else {}
@@ -462,11 +472,14 @@ class IPVSProxier(Dataplane):
                 continue
             ops.append(IPVSOp("del_service", vs))
             self._forget_draining(vs)
+        mark("read")
         errors += self._apply_ipvs(ops)
+        mark("ipvs")
 
         # Addresses: bind what is wanted, unbind the rest of ours.
         for addr, code in self.addresses.bind(sorted(desired.bind - bound_before)):
             errors.append(f"cannot bind {addr} to {self.addresses.device}: {_strerror(code)}")
+        mark("bind")
         try:
             errors += self._restore_with_jumps(desired.iptables)
         except SyncError as exc:
@@ -476,6 +489,7 @@ class IPVSProxier(Dataplane):
             self._applied_iptables = desired.iptables
         for addr, code in self.addresses.unbind(sorted(bound_before - desired.bind)):
             errors.append(f"cannot unbind {addr} from {self.addresses.device}: {_strerror(code)}")
+        mark("iptables")
 
         # ipsets: add before delete never matters for correctness here (rules reference sets, not members).
         for spec in R.IPSETS:
@@ -485,11 +499,13 @@ class IPVSProxier(Dataplane):
                 errors.append(f"cannot add {entry} to ipset {spec.name}: {_strerror(code)}")
             for entry, code in self.ipsets.delete(spec.name, spec.set_type, sorted(have - want)):
                 errors.append(f"cannot delete {entry} from ipset {spec.name}: {_strerror(code)}")
+        mark("ipsets")
 
         self._set_counts = R.count_entries(frags.values())
         self._bind_counts = Counter(a for f in frags.values() for a in f.bind)
         self._process_draining()
         self.stats.last_ops = len(ops)
+        self._apply_marks = mark.spans
         return errors, {"services": len(desired.services), "real_servers": sum(len(d.real_servers) for d in desired.services.values())}
 
     def _is_ours(self, vs: VirtualServer, ours_ips: set[str], nodeport_ports: dict[str, set[str]], sctp: set[str]) -> bool:
@@ -856,6 +872,19 @@ class IPVSProxier(Dataplane):
         for adapter in (self._ipvs, self._addrs, self._ipsets):
             if adapter is not None and hasattr(adapter, "close"):
                 adapter.close()
+
+
+class _Marks:
+    """Durations of the named steps of one sync, for ``Stats.timings`` (each call ends a step)."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spans[name] = now - self._last
+        self._last = now
 
 
 def _jump_rule(comment: str, dst: str) -> str:
