@@ -71,6 +71,16 @@ class Series:
     x: list[float]
     lines: dict[str, list[Summary | None]] = field(default_factory=dict)
     log_x: bool = False
+    log_y: bool = False
+    # Named x values (e.g. figures compared across modes): plotted as grouped
+    # bars, one group per category, ``x`` then only orders them (0, 1, ...).
+    categories: list[str] | None = None
+    hline: float | None = None  # a reference level drawn dashed (e.g. 1.0 = the baseline)
+
+    def x_names(self) -> list[str]:
+        if self.categories:
+            return list(self.categories)
+        return [f"{x:g}" for x in self.x]
 
     def as_dict(self) -> dict:
         return {
@@ -79,6 +89,7 @@ class Series:
             "x_label": self.x_label,
             "y_label": self.y_label,
             "x": self.x,
+            "categories": self.categories,
             "lines": {k: [s.as_dict() if s else None for s in v] for k, v in self.lines.items()},
         }
 
@@ -151,9 +162,9 @@ class Results:
         for s in self.series:
             lines += [f"### {s.suite}: {s.name}", "", "| " + s.x_label + " | " + " | ".join(s.lines) + " |",
                       "| --- |" + " --- |" * len(s.lines)]
-            for i, x in enumerate(s.x):
+            for i, x in enumerate(s.x_names()):
                 cells = [(v[i].fmt() if i < len(v) and v[i] else "-") for v in s.lines.values()]
-                lines.append(f"| {x:g} | " + " | ".join(cells) + " |")
+                lines.append(f"| {x} | " + " | ".join(cells) + " |")
             lines.append("")
             if plots and s.name in plots:
                 lines += [f"![{s.name}]({plots[s.name]})", ""]
@@ -187,7 +198,9 @@ def plot_series(s: Series, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, values in s.lines.items():
+    if s.categories:
+        _bars(ax, s)
+    for label, values in ({} if s.categories else s.lines).items():
         xs = [x for x, v in zip(s.x, values) if v]
         meds = [v.median for v in values if v]
         lo = [v.median - v.low for v in values if v]
@@ -195,6 +208,10 @@ def plot_series(s: Series, path: Path) -> None:
         ax.errorbar(xs, meds, yerr=[lo, hi], marker="o", capsize=3, label=label)
     if s.log_x:
         ax.set_xscale("log")
+    if s.log_y:
+        ax.set_yscale("log")
+    if s.hline is not None:
+        ax.axhline(s.hline, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel(s.x_label)
     ax.set_ylabel(s.y_label)
     ax.set_title(f"{s.suite}: {s.name}")
@@ -203,6 +220,19 @@ def plot_series(s: Series, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _bars(ax, s: Series) -> None:
+    """Grouped bars (one group per category, one bar per line) with min..max whiskers."""
+    n = max(1, len(s.lines))
+    width = 0.8 / n
+    for j, (label, values) in enumerate(s.lines.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i, v in enumerate(values) if v]
+        meds = [v.median for v in values if v]
+        lo = [v.median - v.low for v in values if v]
+        hi = [v.high - v.median for v in values if v]
+        ax.bar(xs, meds, width=width * 0.95, yerr=[lo, hi], capsize=3, label=label)
+    ax.set_xticks(range(len(s.categories)), s.categories, rotation=15, ha="right", fontsize=8)
 
 
 def _slug(text: str) -> str:

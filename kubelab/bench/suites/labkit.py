@@ -136,6 +136,12 @@ class BenchLab:
                                  name=self.name, source="<kubelab bench>")
         self.lab = Lab.up(spec)
         try:
+            if self.lab.kernel == "uml":
+                # The UML kernel has no nft NAT: tell the iptables backend
+                # detection to use legacy, the way kubelet does on a node
+                # (its KUBE-IPTABLES-HINT chain in mangle, which kube-proxy's
+                # iptables-wrapper follows).
+                self.must("node1", ["iptables-legacy", "-w", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
             self.wait_backends()
         except BaseException:
             self.close()
