@@ -40,7 +40,7 @@ class ProxyConfig:
     ipvs_udp_timeout: float = 0.0
     ipvs_graceful_termination_timeout: float = 900.0
     # userspace
-    udp_idle_timeout: float = 250.0  # kube-proxy's --udp-timeout (250ms was the *read* timeout; sessions idle out at this many seconds)
+    udp_idle_timeout: float = 0.25  # kube-proxy's --udp-timeout default (250ms): a UDP session with no traffic for this long is closed
     userspace_max_connections: int = 10000
     userspace_connect_retries: int = 4
     # conntrack
