@@ -397,9 +397,9 @@ ln -s /usr/lib/uml/modules /run/mroot/lib/modules
 # looks in /lib/modules and fails here -- a process spawn every time.  6.1
 # asks for "bpfilter" on every iptables get/setsockopt until it is loaded, so
 # each iptables-legacy-restore paid for several failed modprobes (measured
-# 2-3.6 s instead of 0.1-0.7 s for kube-proxy's 52-line ruleset).  Point the kernel at the UML
-# modules, as a real node autoloads them.
-printf '#!/bin/sh\nexec /sbin/modprobe -d /run/mroot "$@"\n' >/run/mroot/modprobe
+# 2-3.6 s instead of 0.1-0.7 s for kube-proxy's 52-line ruleset).  Point the
+# kernel at the UML modules, as a real node autoloads them.
+printf '#!/bin/sh\\nexec /sbin/modprobe -d /run/mroot "$@"\\n' >/run/mroot/modprobe
 chmod 755 /run/mroot/modprobe
 echo /run/mroot/modprobe >/proc/sys/kernel/modprobe
 ip link set lo up
