@@ -17,9 +17,14 @@ there).  The data types (:class:`VirtualServer`, :class:`RealServer`) are
 plain frozen dataclasses shared with the pure renderer.  Everything acts on
 the network namespace of the calling process.
 
-pyroute2 is not used on these paths because it is too slow for them (see
-``netlink.py``: ~460 µs to encode one IPVS message, a second to import in
-UML); the tests use its decoders as an independent check of ours.  The
+Why not pyroute2's IPVS API (which the issue asked for) on these paths:
+measured with ``bench/ipvs_pyroute2.py``, pyroute2 0.9.7 takes 459 µs to
+encode one IPVS NEW_DEST message against 14 µs here (32x), and importing
+it costs 240 ms on the host and 850 ms in UML; a cold sync of 1,000
+services is ~3,000 IPVS messages, so pyroute2's encoding alone (1.4 s)
+would be slower than the whole ``ipvsadm -R`` peer (1.5 s) that our full
+sync beats at 0.34 (BENCHMARKS.md ``## ipvs``).  pyroute2 stays the test
+oracle: the unit tests decode our messages with its decoders.  The
 pyroute2 traps this module steps around (found on these machines, see
 DESIGN.md): ``IPVSDest`` defaults to direct routing (fwd_method 3) -- we
 always send 0 (masquerade/NAT); ``service("update")`` deletes -- we send

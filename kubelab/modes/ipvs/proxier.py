@@ -30,6 +30,9 @@ resets the connections it was draining).
 
 All changes of one sync go to the kernel as batches: one netlink batch for
 IPVS, one per address/ipset direction, one ``iptables-restore --noflush``.
+The netlink messages are our own ``struct`` encoding, not pyroute2's IPVS
+API: pyroute2 measured 32x slower per message (459 vs 14 µs) and 0.85 s to
+import in UML, which alone would lose to ``ipvsadm -R``; see ``kernel.py``.
 """
 
 from __future__ import annotations
