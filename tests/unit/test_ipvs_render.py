@@ -271,3 +271,30 @@ def test_render_touches_no_kernel():
     text = p.render(SyncState({spn: sp}, {spn: eps}, NODE))
     assert "-A -t 10.96.0.10:80 -s rr" in text
     assert p._ipvs is None and p._addrs is None and p._ipsets is None
+
+
+@pytest.mark.parametrize(
+    "set_name,data",
+    [
+        ("KUBE-CLUSTER-IP", {"IPSET_ATTR_CADT_FLAGS": 16, "IPSET_ATTR_HASHSIZE": 1024, "IPSET_ATTR_MAXELEM": 65536}),
+        ("KUBE-NODE-PORT-TCP", {"IPSET_ATTR_CADT_FLAGS": 16, "IPSET_ATTR_PORT_FROM": 0, "IPSET_ATTR_PORT_TO": 65535}),
+    ],
+    ids=["hash", "bitmap"],
+)
+def test_ipset_create_messages_decode_with_pyroute2(set_name, data):
+    """IPSET_CMD_CREATE as we encode it, read back by pyroute2's ipset decoder: what `ipset create ... comment` sends."""
+    from pyroute2.netlink.nfnetlink.ipset import ipset_msg
+
+    from kubelab.modes.ipvs import netlink as nl
+    from kubelab.modes.ipvs import render as R
+
+    spec = R.IPSET_BY_NAME[set_name]
+    msg = ipset_msg(nl.NetlinkSocket.message((K.NFNL_SUBSYS_IPSET << 8) | K.IPSET_CMD_CREATE, 1, 1, K.IPSets.create_body(spec, 3)))
+    msg.decode()
+    assert msg.get_attr("IPSET_ATTR_SETNAME") == set_name
+    assert msg.get_attr("IPSET_ATTR_TYPENAME") == spec.set_type
+    assert msg.get_attr("IPSET_ATTR_REVISION") == 3
+    assert msg.get_attr("IPSET_ATTR_FAMILY") == K.NFPROTO_IPV4
+    got = msg.get_attr("IPSET_ATTR_DATA")
+    assert {name: got.get_attr(name) for name in data} == data
+    assert len(got["attrs"]) == len(data)

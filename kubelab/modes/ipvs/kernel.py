@@ -676,7 +676,8 @@ class IPSets:
             self._revisions[key] = attrs[S_REVISION][0]
         return self._revisions[key]
 
-    def create_body(self, spec: SetSpec, revision: int) -> bytes:
+    @staticmethod
+    def create_body(spec: SetSpec, revision: int) -> bytes:
         """IPSET_CMD_CREATE for ``spec``: the same set ``ipset create`` makes from :meth:`SetSpec.create_argv`."""
         data = nl.nla(C_CADT_FLAGS | nl.NLA_F_NET_BYTEORDER, nl.be32(IPSET_FLAG_WITH_COMMENT))
         if spec.set_type == BITMAP_PORT:
@@ -686,7 +687,7 @@ class IPSets:
             data += nl.nla(C_HASHSIZE | nl.NLA_F_NET_BYTEORDER, nl.be32(1024))
             data += nl.nla(C_MAXELEM | nl.NLA_F_NET_BYTEORDER, nl.be32(65536))
         return (
-            self._nfgen(socket.AF_INET6 if spec.family == 6 else socket.AF_INET)
+            IPSets._nfgen(socket.AF_INET6 if spec.family == 6 else socket.AF_INET)
             + nl.nla(S_PROTOCOL, nl.u8(IPSET_PROTOCOL))
             + nl.nla(S_SETNAME, nl.asciiz(spec.name))
             + nl.nla(S_TYPENAME, nl.asciiz(spec.set_type))
