@@ -589,7 +589,9 @@ class _UDPServer:
         counters = d.counters
         fam = self.family
         rview, rmeta, stride, len_at, flags_at, slot = m.rview, m.rmeta, m.stride, m._len_at, m._flags_at, m.slot
+        sview, slen, sstride, slen_at, sslot, staged = m.sview, m.slen, m._slen_stride, m._slen_at, m.send_slot, m.staged
         put = m.put
+        trunc = mmsg.MSG_TRUNC
         for _ in range(UDP_BATCH // MMSG_BATCH):
             try:
                 n = m.recv()
@@ -603,18 +605,28 @@ class _UDPServer:
             observed = []
             for i in range(n):
                 meta = i * stride
-                if rmeta[meta + flags_at] & mmsg.MSG_TRUNC:
+                if rmeta[meta + flags_at] & trunc:
                     counters.dropped += 1  # longer than any sane DNS query over UDP (slot = 4096 bytes)
                     continue
                 o = i * slot
-                data = rview[o : o + rmeta[meta + len_at]].tobytes()
+                end = o + rmeta[meta + len_at]
                 if use_exact:
-                    e = get(data[2:])
+                    # MMsgSocket.put inlined: copy the ID and the cached tail straight into the send slot.
+                    e = get(rview[o + 2 : end].tobytes())
                     if e is not None:
-                        if not put(i, data[:2] + e[0]):
-                            self._sendto(data[:2] + e[0], m.address(i))
+                        tail = e[0]
+                        k = len(tail) + 2
+                        if k <= sslot:
+                            so = i * sslot
+                            sview[so : so + 2] = rview[o : o + 2]
+                            sview[so + 2 : so + k] = tail
+                            slen[i * sstride + slen_at] = k
+                            staged[i] = True
+                        else:
+                            self._sendto(rview[o : o + 2].tobytes() + tail, m.address(i))
                         hits.append(e)
                         continue
+                data = rview[o:end].tobytes()
                 addr = m.address(i)
                 try:
                     out = fast(data, addr[0], False)
