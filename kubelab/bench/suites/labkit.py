@@ -202,6 +202,23 @@ class BenchLab:
         out = self.must("client", [self.python, PROBE, cmd, host, str(port), *map(str, args)], timeout)
         return json.loads(out.strip().splitlines()[-1])
 
+    def clock_offset(self) -> float:
+        """Lab wall clock minus this process's (0 on the host kernel; UML keeps its own clock).
+
+        Bracketed reads (``date`` run in the lab between two local reads);
+        the median of five, error within half the round trip.
+        """
+        if self.lab.kernel != "uml":
+            return 0.0
+        offsets = []
+        for _ in range(5):
+            t0 = time.time()
+            out = self.must("node1", ["date", "+%s.%N"], timeout=20)
+            t1 = time.time()
+            offsets.append(float(out.strip()) - (t0 + t1) / 2)
+        offsets.sort()
+        return offsets[2]
+
     def wait_backends(self, timeout: float = 60.0) -> None:
         """Every backend answers directly from the client pod (servers started, addresses up)."""
         deadline = time.monotonic() + timeout
@@ -267,6 +284,10 @@ class BenchLab:
             last = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
             if last > 0 and last > after:
                 return m
+            failures = self._log_text().count("sync failed")
+            if failures >= 3:
+                raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} failed {failures} syncs in a row; "
+                                 f"its log:\n{self.proxy_log(6)}")
             if not self.proxy_alive():
                 raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} exited; its log:\n{self.proxy_log()}")
             if time.monotonic() > deadline:
@@ -274,14 +295,15 @@ class BenchLab:
                                  f"its log:\n{self.proxy_log()}")
             time.sleep(0.2)
 
-    def proxy_log(self, lines: int = 15) -> str:
-        if self.proxy is None:
-            return ""
+    def _log_text(self) -> str:
         try:
-            text = Path(self.proxy.log).read_text(errors="replace").splitlines()
+            return Path(self.proxy.log).read_text(errors="replace") if self.proxy else ""
         except OSError:
-            return "(no log)"
-        return "\n".join("  | " + x for x in text[-lines:])
+            return ""
+
+    def proxy_log(self, lines: int = 15) -> str:
+        text = self._log_text().splitlines()
+        return "\n".join("  | " + x[:300] for x in text[-lines:]) if text else "  | (empty)"
 
     def rss_bytes(self) -> int:
         """Resident memory of the running proxy process."""

@@ -1,0 +1,118 @@
+"""Control plane: network programming latency, from an EndpointSlice change to traffic reaching the new endpoint.
+
+Service ``bench/prog`` selects ``app: prog``.  For each change, with the
+proxy under test running on node1:
+
+1. the probe (:mod:`kubelab.bench.suites.probe` ``until``) starts in the
+   client pod and connects to the Service every ~2 ms;
+2. once it runs, a new pod ``prog-K`` (the lab's echo server, on node2) is
+   applied; ``lab.apply`` returns when the lab has written the new
+   EndpointSlice to the manifests the proxy watches (``--source``) -- that
+   moment is the start;
+3. the end is the first answer from ``prog-K`` seen by the probe, i.e. the
+   endpoint is programmed and traffic reaches it;
+4. the previous pod is deleted (grace 0), so the next change starts from
+   one endpoint again.
+
+Both ends are wall-clock times; in a UML lab the kernel's clock offset is
+measured (``date`` bracketed by host reads) and subtracted.  The latency
+includes the files source's change detection (a file counts once it looked
+the same on two polls) and ``--min-sync-period`` (1 s) as kube-proxy's own
+rate limit would.  There is no peer for this figure: subjects are compared
+with each other (and against kube-proxy's 1 s minimum sync period).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kubelab.bench.report import Figure, Series
+from kubelab.bench.stats import summarize
+from kubelab.bench.suites import Context, Step, Subject
+from kubelab.bench.suites.labkit import NS, _svc, echo_pod
+
+SUITE = "control plane"
+
+
+class _Control:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.samples: dict[str, list[float]] = {}
+        self.serial: dict[str, int] = {}  # kernel -> last prog pod number
+
+    def session(self, subject: Subject) -> None:
+        lab = self.ctx.labs.get(subject.kernel)
+        k = self.serial.get(subject.kernel)
+        if k is None:
+            k = 0
+            lab.lab.apply([_svc("prog", 9000, 9000), echo_pod("prog-0", app="prog")])
+        lab.start_proxy(subject.mode)
+        try:
+            offset = lab.clock_offset()
+            out = self.samples.setdefault(subject.key, [])
+            for _ in range(self.ctx.opts.changes):
+                k += 1
+                out.append(self._one_change(lab, k, offset))
+                lab.lab.delete(f"pod/{NS}/prog-{k - 1}", grace=0)
+                self.serial[subject.kernel] = k
+        finally:
+            self.serial[subject.kernel] = k
+            lab.stop_proxy()
+
+    def _one_change(self, lab, k: int, offset: float) -> float:
+        ip = lab.service_ip("prog")
+        ready = lab.workdir / f"until-{k}.ready"
+        ready.unlink(missing_ok=True)
+        result: dict = {}
+
+        def watch() -> None:
+            try:
+                result["r"] = lab.probe("until", ip, 9000, f"prog-{k}", 60, str(ready), timeout=120)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                result["error"] = exc
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if not t.is_alive() or time.monotonic() > deadline:
+                t.join(1)
+                raise RuntimeError(f"the probe in the client pod did not start: {result.get('error')}")
+            time.sleep(0.01)
+        time.sleep(0.05)  # let it make a first connection to the old endpoint
+        lab.lab.apply([echo_pod(f"prog-{k}", app="prog")])
+        start = time.time() + offset
+        t.join(150)
+        if "error" in result:
+            raise result["error"]
+        r = result.get("r") or {}
+        if not r.get("seen"):
+            raise RuntimeError(f"traffic never reached the new endpoint prog-{k} within 60s; proxy log:\n{lab.proxy_log(6)}")
+        return r["seen"] - start
+
+
+def plan(ctx: Context) -> list[Step]:
+    opts = ctx.opts
+    c = _Control(ctx)
+    steps = []
+    for s in opts.subjects:
+        uml = s.kernel == "uml"
+        est = (27 if uml else 9) + opts.changes * (4 if uml else 2.5)
+        steps.append(Step(f"control plane: {s}: {opts.changes} endpoint changes", est, lambda s=s: c.session(s), f"control:{s.key}"))
+    steps.append(Step("control plane: figures", 0, lambda: _report(ctx, c), "control:report", always=True))
+    return steps
+
+
+def _report(ctx: Context, c: _Control) -> None:
+    subjects = [s for s in ctx.opts.subjects if c.samples.get(s.key)]
+    for s in subjects:
+        ctx.results.figures.append(Figure(SUITE, "network programming latency (new endpoint -> first connection to it)",
+                                          f"{s.mode} ({s.kernel} kernel)", "s", summarize(c.samples[s.key]),
+                                          higher_is_better=False))
+    if subjects:
+        ctx.results.series.append(Series(
+            SUITE, "network programming latency", "subject", "seconds", list(range(len(subjects))),
+            {"median, min..max": [summarize(c.samples[s.key]) for s in subjects]}, categories=[str(s) for s in subjects],
+            hline=1.0,
+        ))
