@@ -199,8 +199,11 @@ def test_failed_restore_keeps_previous_rules(topo, backend):
     try:
         asyncio.run(p.sync_proxy_rules(b.state(full_sync=True)))
         good = p.render_config
-        # Inject a rule iptables-restore refuses.
-        p.render_config = replace(good, masquerade_mark="0xnotahexmark")
+        # Inject a rule iptables-restore refuses: the changed service's masquerade
+        # rule gets a source match with an impossible prefix length.
+        from kubelab.modes.iptables.render import LocalDetector
+
+        p.render_config = replace(good, local_detector=LocalDetector(("-s", "10.244.0.0/99"), ("!", "-s", "10.244.0.0/99")))
         b.add(make_slice("ns1", "web", [ep(POD2, "node-b")], [("http", 8080, "TCP")]))
         with pytest.raises(SyncError, match="previous rules stay in force"):
             asyncio.run(p.sync_proxy_rules(b.state()))

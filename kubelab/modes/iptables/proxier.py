@@ -37,7 +37,7 @@ from typing import Any
 from kubelab.model import NodeInfo
 from kubelab.modes.iptables import chains as C
 from kubelab.modes.iptables.kernel import IPTables, IPTablesError, RestoreError, detect_backend, extract_lines
-from kubelab.modes.iptables.render import LocalDetector, RenderConfig, Renderer, RenderResult, ServiceFragment
+from kubelab.modes.iptables.render import LocalDetector, RenderConfig, Renderer, RenderResult
 from kubelab.proxy.kernel.conntrack import Conntrack, clean_stale_entries
 from kubelab.proxy.kernel.exec import Runner
 from kubelab.proxy.kernel.sysctl import Sysctl, SysctlError
@@ -232,7 +232,9 @@ class IPTablesProxier(Dataplane):
         self._renderer: Renderer | None = None
         self._kernel_ready = False
         self._need_full_sync = True
-        self._fragments: dict | None = None
+        self._result: RenderResult | None = None  # the last successful sync (fragments + totals)
+        # Tests and --dry-run comparisons read the last restore input; a proxy keeps no copy.
+        self._keep_last_text = bool(deps.extra.get("keep_last_text"))
         self._lock = asyncio.Lock()
         self._monitor_task: asyncio.Task | None = None
         self._health = None
@@ -349,7 +351,8 @@ class IPTablesProxier(Dataplane):
     def _sync(self, state: SyncState, force_full: bool) -> None:
         t0 = time.perf_counter()
         self._init_kernel()
-        full = state.full_sync or force_full or self._need_full_sync or self._fragments is None
+        previous = self._result
+        full = state.full_sync or force_full or self._need_full_sync or previous is None
         try:
             if full:
                 # The jumps from built-in chains cannot be part of a --noflush restore
@@ -360,33 +363,34 @@ class IPTablesProxier(Dataplane):
             raise SyncError(f"cannot install jump rules: {e}") from e
         t1 = time.perf_counter()
 
-        total_endpoints = sum(len(state.endpoints_map.get(n, ())) for n in state.service_map)
-        large = total_endpoints > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
         existing = None
         now = time.monotonic()
-        # iptables-save can take seconds on big hosts; large clusters clean up once per period.
-        if not large or now - self.stats.last_cleanup > self.config.sync_period:
-            try:
-                existing = self.iptables.chains("nat")
-            except IPTablesError as e:
-                self.log.error("%s: stale chains will not be deleted this sync", e)
+        if full:
+            # Stale chains: partial syncs know them from the fragments they replace;
+            # full syncs also look for leftovers with iptables-save.  That can take
+            # seconds on big hosts: large clusters do it once per period, as upstream.
+            large = Renderer.total_endpoints(state.service_map, state.endpoints_map) > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+            if not large or now - self.stats.last_cleanup > self.config.sync_period:
+                try:
+                    existing = self.iptables.chains("nat")
+                except IPTablesError as e:
+                    self.log.error("%s: stale chains will not be deleted this sync", e)
         t2 = time.perf_counter()
 
-        result = self.renderer.render(
-            state.service_map,
-            state.endpoints_map,
-            state.node,
-            full_sync=full,
-            updated_services=state.updated_services,
-            previous=None if full else self._fragments,
-            existing_nat_chains=existing,
-        )
+        if full:
+            result = self.renderer.render_full(state.service_map, state.endpoints_map, state.node, existing)
+        else:
+            result = self.renderer.render_partial(
+                state.service_map, state.endpoints_map, state.node, state.updated_services, previous.fragments, previous
+            )
+            full = result.full_sync  # a switch into or out of large-cluster mode rewrites everything
         t3 = time.perf_counter()
         try:
-            self.iptables.restore_all(result.text)
+            if result.text:
+                self.iptables.restore_all(result.text)
         except RestoreError as e:
             self._need_full_sync = True
-            self._fragments = None
+            self._result = None
             if self.metrics is not None:
                 self.metrics.iptables_restore_failures_total.inc()
                 if not full:
@@ -396,7 +400,12 @@ class IPTablesProxier(Dataplane):
             raise SyncError(f"{e} (previous rules stay in force; retrying as a full sync)") from e
         t4 = time.perf_counter()
 
-        self._fragments = result.fragments
+        total_endpoints = result.total_endpoints
+        if self._keep_last_text:
+            self.stats.last_text = result.text
+        # The fragments are all a partial sync needs; the text (17 MB at 10k services) goes.
+        result.text = ""
+        self._result = result
         self._need_full_sync = False
         if existing is not None:
             self.stats.last_cleanup = now
@@ -404,7 +413,6 @@ class IPTablesProxier(Dataplane):
         if full:
             self.stats.full_syncs += 1
             self.stats.last_full_sync = now
-        self.stats.last_text = result.text
         self.stats.last_result = result
         if self.metrics is not None:
             m = self.metrics
@@ -446,14 +454,17 @@ class IPTablesProxier(Dataplane):
         if self._health is None:
             return
         ports: dict[str, int] = {}
-        for name, svc in state.service_map.items():
-            if svc.health_check_node_port:
-                ports[name.namespaced_name] = svc.health_check_node_port
         local: dict[str, set[str]] = {}
-        for name, eps in state.endpoints_map.items():
-            for ep in eps:
+        # Only services with a healthCheckNodePort matter: no pass over every endpoint.
+        for name, svc in state.service_map.items():
+            if not svc.health_check_node_port:
+                continue
+            key = name.namespaced_name
+            ports[key] = svc.health_check_node_port
+            # kube-proxy counts the service's ready local endpoints (distinct IPs, all ports).
+            for ep in state.endpoints_map.get(name, ()):
                 if ep.ready and ep.is_local:
-                    local.setdefault(name.namespaced_name, set()).add(ep.ip)
+                    local.setdefault(key, set()).add(ep.ip)
         try:
             await self._health.sync_services(ports)
             self._health.sync_endpoints({k: len(v) for k, v in local.items()})

@@ -24,6 +24,7 @@ services between syncs (a partial sync then only renders what changed).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -85,23 +86,37 @@ class RenderConfig:
     nfacct_counters: frozenset[str] = frozenset()  # counters that exist (kube-proxy's nfAcctCounters)
 
 
-@dataclass
+@dataclass(slots=True)
 class ServiceFragment:
     """The rules one service port contributes to a sync (what a partial sync may reuse).
 
-    ``filter_rules`` and ``nat_top_rules`` go to top-level chains and are written
-    on every sync; ``nat_chains``/``nat_chain_rules`` are the service's own
-    chains, written only when the service changed (or on a full sync).
+    ``filter_rules`` and ``nat_top_rules`` are rules in the shared top-level
+    chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES, ...); a
+    partial sync adds or deletes exactly the ones that changed.  The
+    service's own chains are kept as two ready-made blocks of restore text
+    (declarations and rules), not as per-rule objects: one string per
+    service instead of ~25 keeps a 10k-service cache small and the full-sync
+    join fast.
     """
 
-    filter_rules: list[str]
-    nat_top_rules: list[str]
-    nat_chains: list[str]  # chain names (KUBE-SVC-..., KUBE-SEP-...)
-    nat_chain_rules: list[str]
+    filter_rules: tuple[str, ...]
+    nat_top_rules: tuple[str, ...]
+    chain_decls: str  # ":KUBE-SVC-... - [0:0]" lines joined with "\n" ("" when none)
+    chain_rules: str  # "-A KUBE-SVC-... ..." lines joined with "\n" ("" when none)
+    chain_rule_count: int = 0
     no_local_internal: bool = False
     no_local_external: bool = False
     endpoints: int = 0  # len(endpoints_map[name]), for large-cluster mode
     large: bool = False  # rendered in large-cluster mode (no per-endpoint comments)
+
+    @property
+    def nat_chains(self) -> list[str]:
+        """Names of the service's own nat chains (KUBE-SVC-..., KUBE-SEP-...)."""
+        return [line[1:].split(" ", 1)[0] for line in self.chain_decls.split("\n")] if self.chain_decls else []
+
+    @property
+    def nat_chain_rules(self) -> list[str]:
+        return self.chain_rules.split("\n") if self.chain_rules else []
 
 
 @dataclass
@@ -109,16 +124,25 @@ class RenderResult:
     """Output of one render: the restore text plus what kube-proxy's metrics and cleanup need."""
 
     text: str
-    filter_rules: int  # rules in *filter (metric sync_proxy_rules_iptables_total{table="filter"})
-    nat_rules_written: int  # -A lines written in *nat this sync (iptables_last_sync{table="nat"})
+    filter_rules: int  # rules in *filter after this sync (metric sync_proxy_rules_iptables_total{table="filter"})
+    nat_rules_written: int  # -A/-I lines written in *nat this sync (iptables_last_sync{table="nat"})
     nat_rules_total: int  # rules in *nat after this sync (iptables_total{table="nat"})
-    active_nat_chains: set[str]
     deleted_chains: list[str]
     total_endpoints: int
     large_cluster_mode: bool
     no_local_internal: int
     no_local_external: int
     fragments: dict[ServicePortName, ServiceFragment]
+    full_sync: bool = True
+    services_written: int = 0  # service ports whose own chains were (re)written
+
+    @property
+    def active_nat_chains(self) -> set[str]:
+        """Every per-service nat chain the rules now use (computed on demand: 60k names at 10k services)."""
+        out: set[str] = set()
+        for frag in self.fragments.values():
+            out.update(frag.nat_chains)
+        return out
 
 
 def _q(text: str) -> str:
@@ -132,6 +156,13 @@ def _family_of(ip: str) -> int:
 
 def normalize_ip(ip: str) -> str | None:
     """An IP as iptables should see it, or None if unusable (kube-proxy's ParseIPSloppy + String())."""
+    # Fast path: an already canonical IPv4 address round-trips through inet_pton
+    # (which refuses leading zeros); ipaddress costs ~10x more per call.
+    try:
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)) == ip:
+            return ip
+    except (OSError, ValueError, TypeError):
+        pass
     text = ip.strip()
     try:
         return str(ipaddress.ip_address(text))
@@ -431,10 +462,11 @@ class Renderer:
             rules.append(f"{head}{recent} {proto_args} -j DNAT --to-destination {ep}")
 
         return ServiceFragment(
-            filter_rules=filt,
-            nat_top_rules=top,
-            nat_chains=chains,
-            nat_chain_rules=rules,
+            filter_rules=tuple(filt),
+            nat_top_rules=tuple(top),
+            chain_decls="\n".join([f":{c} - [0:0]" for c in chains]),
+            chain_rules="\n".join(rules),
+            chain_rule_count=len(rules),
             no_local_internal=no_local_internal,
             no_local_external=no_local_external,
             endpoints=len(endpoints),
@@ -473,6 +505,81 @@ class Renderer:
 
     # -- a whole sync ----------------------------------------------------------
 
+    def _fixed_rules(self) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+        """The rules that do not depend on services: (filter chains, filter head, filter tail, nat head, nodeports tail)."""
+        cfg = self.config
+        filter_chains = [C.KUBE_SERVICES, C.KUBE_EXTERNAL_SERVICES, C.KUBE_FORWARD, C.KUBE_NODEPORTS, C.KUBE_PROXY_FIREWALL]
+        filter_head: list[str] = []
+        filter_tail: list[str] = []
+        nat_head: list[str] = []
+        mark = cfg.masquerade_mark
+        nat_head.append(f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN")
+        # Clear the mark so a packet re-traversing the stack is not masqueraded twice.
+        nat_head.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}")
+        masq = '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+        if cfg.random_fully:
+            masq += " --random-fully"
+        nat_head.append(masq)
+        nat_head.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
+
+        if cfg.ip_family == 4 and cfg.localhost_nodeports:
+            # route_localnet opens a hole (https://issue.k8s.io/90259) that this rule
+            # closes; kubelet writes an identical copy.
+            filter_chains.append(C.KUBE_FIREWALL)
+            filter_head.append(
+                '-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 '
+                "! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+            )
+
+        # Tail-call to the nodeports chain; must come after all service rules.
+        tail: list[str] = []
+        nodeports_comment = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+        if cfg.nodeport_match_all:
+            dest = "-m addrtype --dst-type LOCAL"
+            if cfg.ip_family == 6:
+                dest += " ! -d ::1/128"
+            elif not cfg.localhost_nodeports:
+                dest += " ! -d 127.0.0.0/8"
+            tail.append(f"-A KUBE-SERVICES -m comment --comment {nodeports_comment} {dest} -j KUBE-NODEPORTS")
+        else:
+            for ip in cfg.nodeport_ips:
+                addr = ipaddress.ip_address(ip)
+                if addr.version != cfg.ip_family:
+                    continue
+                if addr.is_loopback and (cfg.ip_family == 6 or not cfg.localhost_nodeports):
+                    continue
+                tail.append(f"-A KUBE-SERVICES -m comment --comment {nodeports_comment} -d {ip} -j KUBE-NODEPORTS")
+
+        # Drop INVALID packets: they would otherwise reset connections
+        # (https://github.com/kubernetes/kubernetes/issues/74839, #117924).
+        if not cfg.conntrack_tcp_liberal:
+            rule = "-A KUBE-FORWARD -m conntrack --ctstate INVALID"
+            if C.NFACCT_CT_STATE_INVALID_DROPPED in cfg.nfacct_counters:
+                rule += f" -m nfacct --nfacct-name {C.NFACCT_CT_STATE_INVALID_DROPPED}"
+            filter_tail.append(rule + " -j DROP")
+        # Forward what was marked for masquerade even if FORWARD's policy is DROP.
+        filter_tail.append(
+            f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
+        )
+        filter_tail.append(
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        )
+        return filter_chains, filter_head, filter_tail, nat_head, tail
+
+    @staticmethod
+    def total_endpoints(
+        service_map: Mapping[ServicePortName, ServicePort], endpoints_map: Mapping[ServicePortName, Sequence[Endpoint]]
+    ) -> int:
+        """kube-proxy's endpoint count for large-cluster mode (endpoints of services that exist)."""
+        total = 0
+        get = endpoints_map.get
+        for name in service_map:
+            eps = get(name)
+            if eps:
+                total += len(eps)
+        return total
+
     def render(
         self,
         service_map: Mapping[ServicePortName, ServicePort],
@@ -483,150 +590,229 @@ class Renderer:
         updated_services: Iterable[str] = (),
         previous: Mapping[ServicePortName, ServiceFragment] | None = None,
         existing_nat_chains: Iterable[str] | None = None,
+        previous_result: RenderResult | None = None,
     ) -> RenderResult:
         """Render one sync.
 
-        ``full_sync`` writes every service's chains; otherwise only those whose
-        "ns/name" is in ``updated_services`` (or that have no fragment in
-        ``previous``) are rendered and written, the others' top-level rules are
-        taken from ``previous``.  ``existing_nat_chains`` (from iptables-save)
-        lets stale per-service chains be flushed and deleted (``-X``); None skips
-        that (kube-proxy skips it in large-cluster mode between cleanups).
+        A full sync (``full_sync``, or no ``previous`` fragments) writes kube-proxy's
+        complete output: every top-level chain and every service's chains.
+        ``existing_nat_chains`` (from iptables-save) lets stale per-service
+        chains be flushed and deleted (``-X``); None skips that (kube-proxy skips
+        it in large-cluster mode between cleanups).
+
+        A partial sync (see :meth:`render_partial`) writes only what changed
+        for the services whose "ns/name" is in ``updated_services``.
         """
-        cfg = self.config
-        updated = set(updated_services)
-        previous = previous or {}
+        if not full_sync and previous is not None and previous_result is not None:
+            return self.render_partial(service_map, endpoints_map, node, updated_services, previous, previous_result)
+        return self.render_full(service_map, endpoints_map, node, existing_nat_chains)
 
-        total_endpoints = 0
-        for name in service_map:
-            eps = endpoints_map.get(name)
-            if eps:
-                total_endpoints += len(eps)
+    def render_full(
+        self,
+        service_map: Mapping[ServicePortName, ServicePort],
+        endpoints_map: Mapping[ServicePortName, Sequence[Endpoint]],
+        node: NodeInfo,
+        existing_nat_chains: Iterable[str] | None = None,
+    ) -> RenderResult:
+        """kube-proxy's full ``syncProxyRules`` output, exactly."""
+        total_endpoints = self.total_endpoints(service_map, endpoints_map)
         large = total_endpoints > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
-
-        filter_chains = [C.KUBE_SERVICES, C.KUBE_EXTERNAL_SERVICES, C.KUBE_FORWARD, C.KUBE_NODEPORTS, C.KUBE_PROXY_FIREWALL]
-        nat_chain_names = [C.KUBE_SERVICES, C.KUBE_NODEPORTS, C.KUBE_POSTROUTING, C.KUBE_MARK_MASQ]
-        filter_rules: list[str] = []
-        nat_rules: list[str] = []
-
-        mark = cfg.masquerade_mark
-        nat_rules.append(f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN")
-        # Clear the mark so a packet re-traversing the stack is not masqueraded twice.
-        nat_rules.append(f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}")
-        masq = '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
-        if cfg.random_fully:
-            masq += " --random-fully"
-        nat_rules.append(masq)
-        nat_rules.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
-
-        if cfg.ip_family == 4 and cfg.localhost_nodeports:
-            # route_localnet opens a hole (https://issue.k8s.io/90259) that this rule
-            # closes; kubelet writes an identical copy.
-            filter_chains.append(C.KUBE_FIREWALL)
-            filter_rules.append(
-                '-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 '
-                "! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-            )
+        filter_chains, filter_head, filter_tail, nat_head, nodeports_tail = self._fixed_rules()
 
         fragments: dict[ServicePortName, ServiceFragment] = {}
-        active: set[str] = set()
-        chain_lines: list[str] = []
+        filter_rules: list[str] = []
+        top_rules: list[str] = []
+        decls: list[str] = []
         chain_rules: list[str] = []
-        skipped_rules = 0
+        chain_rule_count = 0
         no_local_internal = no_local_external = 0
         empty: tuple[Endpoint, ...] = ()
+        get = endpoints_map.get
+        render_service = self.render_service
 
-        for name in sorted(service_map):
-            svc = service_map[name]
-            write_chains = full_sync or name.namespaced_name in updated
-            frag = None if write_chains else previous.get(name)
+        # kube-proxy ranges over a Go map; sorting gives a stable text (and its tests sort too).
+        for name in sorted(service_map, key=_name_key):
+            frag = render_service(name, service_map[name], get(name, empty), node, large)
             if frag is None:
-                frag = self.render_service(name, svc, endpoints_map.get(name, empty), node, large)
-                if frag is None:
-                    continue
-                write_chains = True
+                continue
             fragments[name] = frag
-            filter_rules.extend(frag.filter_rules)
-            nat_rules.extend(frag.nat_top_rules)
-            active.update(frag.nat_chains)
-            if write_chains:
-                chain_lines.extend(frag.nat_chains)
-                chain_rules.extend(frag.nat_chain_rules)
-            else:
-                skipped_rules += len(frag.nat_chain_rules)
+            if frag.filter_rules:
+                filter_rules.extend(frag.filter_rules)
+            top_rules.extend(frag.nat_top_rules)
+            if frag.chain_decls:
+                decls.append(frag.chain_decls)
+                chain_rules.append(frag.chain_rules)
+                chain_rule_count += frag.chain_rule_count
             no_local_internal += frag.no_local_internal
             no_local_external += frag.no_local_external
 
-        nat_chain_names.extend(chain_lines)
-        nat_rules.extend(chain_rules)
-
         deleted: list[str] = []
         if existing_nat_chains is not None:
-            for chain in sorted(set(existing_nat_chains) - active):
-                if C.is_service_chain_name(chain):
-                    # A chain line flushes it; then it can be deleted.
-                    nat_chain_names.append(chain)
-                    deleted.append(chain)
-
-        # Tail-call to the nodeports chain; must come after all service rules.
-        nodeports_comment = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
-        if cfg.nodeport_match_all:
-            dest = "-m addrtype --dst-type LOCAL"
-            if cfg.ip_family == 6:
-                dest += " ! -d ::1/128"
-            elif not cfg.localhost_nodeports:
-                dest += " ! -d 127.0.0.0/8"
-            nat_rules.append(f"-A KUBE-SERVICES -m comment --comment {nodeports_comment} {dest} -j KUBE-NODEPORTS")
-        else:
-            for ip in cfg.nodeport_ips:
-                addr = ipaddress.ip_address(ip)
-                if addr.version != cfg.ip_family:
-                    continue
-                if addr.is_loopback and (cfg.ip_family == 6 or not cfg.localhost_nodeports):
-                    continue
-                nat_rules.append(f"-A KUBE-SERVICES -m comment --comment {nodeports_comment} -d {ip} -j KUBE-NODEPORTS")
-
-        # Drop INVALID packets: they would otherwise reset connections
-        # (https://github.com/kubernetes/kubernetes/issues/74839, #117924).
-        if not cfg.conntrack_tcp_liberal:
-            rule = "-A KUBE-FORWARD -m conntrack --ctstate INVALID"
-            if C.NFACCT_CT_STATE_INVALID_DROPPED in cfg.nfacct_counters:
-                rule += f" -m nfacct --nfacct-name {C.NFACCT_CT_STATE_INVALID_DROPPED}"
-            filter_rules.append(rule + " -j DROP")
-        # Forward what was marked for masquerade even if FORWARD's policy is DROP.
-        filter_rules.append(
-            f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
-        )
-        filter_rules.append(
-            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
-            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-        )
+            active: set[str] = set()
+            for frag in fragments.values():
+                active.update(frag.nat_chains)
+            deleted = sorted(c for c in set(existing_nat_chains) - active if C.is_service_chain_name(c))
 
         parts = ["*filter"]
         parts.extend(f":{c} - [0:0]" for c in filter_chains)
+        parts.extend(filter_head)
         parts.extend(filter_rules)
+        parts.extend(filter_tail)
         parts.append("COMMIT")
         parts.append("*nat")
-        parts.extend(f":{c} - [0:0]" for c in nat_chain_names)
-        parts.extend(nat_rules)
+        parts.extend(f":{c} - [0:0]" for c in (C.KUBE_SERVICES, C.KUBE_NODEPORTS, C.KUBE_POSTROUTING, C.KUBE_MARK_MASQ))
+        parts.extend(decls)
+        # A chain line flushes a stale chain; then it can be deleted.
+        parts.extend(f":{c} - [0:0]" for c in deleted)
+        parts.extend(nat_head)
+        parts.extend(top_rules)
+        parts.extend(chain_rules)
+        parts.extend(nodeports_tail)
         parts.extend(f"-X {c}" for c in deleted)
         parts.append("COMMIT")
         parts.append("")
         text = "\n".join(parts)
+        del parts, decls, chain_rules
 
+        nat_written = len(nat_head) + len(top_rules) + chain_rule_count + len(nodeports_tail)
         return RenderResult(
             text=text,
-            filter_rules=len(filter_rules),
-            nat_rules_written=len(nat_rules),
-            nat_rules_total=len(nat_rules) + skipped_rules,
-            active_nat_chains=active,
+            filter_rules=len(filter_head) + len(filter_rules) + len(filter_tail),
+            nat_rules_written=nat_written,
+            nat_rules_total=nat_written,
             deleted_chains=deleted,
             total_endpoints=total_endpoints,
             large_cluster_mode=large,
             no_local_internal=no_local_internal,
             no_local_external=no_local_external,
             fragments=fragments,
+            full_sync=True,
+            services_written=len(fragments),
         )
+
+    def render_partial(
+        self,
+        service_map: Mapping[ServicePortName, ServicePort],
+        endpoints_map: Mapping[ServicePortName, Sequence[Endpoint]],
+        node: NodeInfo,
+        updated_services: Iterable[str],
+        previous: Mapping[ServicePortName, ServiceFragment],
+        previous_result: RenderResult,
+    ) -> RenderResult:
+        """Only what changed since ``previous``, as ``--noflush`` restore text.
+
+        Unlike kube-proxy (which rewrites KUBE-SERVICES, KUBE-NODEPORTS, ... in
+        full on every sync), the top-level chains are not declared, so
+        iptables-restore leaves them as they are; the rules of changed services
+        are deleted (``-D`` with the exact text written before) and added.
+        New KUBE-SERVICES rules are inserted at the top (``-I KUBE-SERVICES 1``)
+        so the KUBE-NODEPORTS jump stays the last rule, as it must; the order
+        of the other rules does not matter (each matches its own
+        address/port/protocol) and the next full sync restores kube-proxy's.
+        Other top-level rules are appended.  The changed services' own chains
+        are rewritten in full, and chains they no longer use are flushed and
+        deleted: stale chains are known from the fragments, no iptables-save.
+
+        If a rule to delete is missing (someone edited the tables) the restore
+        fails as a whole and the proxier retries with a full sync.  The result's
+        ``fragments`` is a new dict (``previous`` is not modified).
+        """
+        total_endpoints = self.total_endpoints(service_map, endpoints_map)
+        # Crossing the large-cluster threshold changes only the services written now,
+        # as upstream; the next full sync brings the rest along.
+        large = total_endpoints > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+
+        updated = set(updated_services)
+        changed = [n for n in service_map if n.namespaced_name in updated]
+        changed += [n for n in previous if n not in service_map]
+        fragments = dict(previous)
+        empty: tuple[Endpoint, ...] = ()
+
+        filter_del: list[str] = []
+        filter_add: list[str] = []
+        top_del: list[str] = []
+        services_add: list[str] = []
+        other_add: list[str] = []
+        decls: list[str] = []
+        chain_rules: list[str] = []
+        deleted: list[str] = []
+        d_filter = d_nat = d_local_int = d_local_ext = 0
+        written = 0
+
+        for name in sorted(changed, key=_name_key):
+            old = previous.get(name)
+            new = None
+            if name in service_map:
+                new = self.render_service(name, service_map[name], endpoints_map.get(name, empty), node, large)
+            if new is None:
+                fragments.pop(name, None)
+            else:
+                fragments[name] = new
+                written += 1
+            old_filter = old.filter_rules if old else ()
+            new_filter = new.filter_rules if new else ()
+            old_top = old.nat_top_rules if old else ()
+            new_top = new.nat_top_rules if new else ()
+            filter_del.extend(r for r in old_filter if r not in new_filter)
+            filter_add.extend(r for r in new_filter if r not in old_filter)
+            top_del.extend(r for r in old_top if r not in new_top)
+            for r in new_top:
+                if r not in old_top:
+                    (services_add if r.startswith("-A KUBE-SERVICES ") else other_add).append(r)
+            new_chains = new.nat_chains if new else []
+            if new is not None and new.chain_decls:
+                decls.append(new.chain_decls)
+                chain_rules.append(new.chain_rules)
+            if old is not None:
+                keep = set(new_chains)
+                deleted.extend(c for c in old.nat_chains if c not in keep)
+            d_filter += len(new_filter) - len(old_filter)
+            d_nat += (len(new_top) + (new.chain_rule_count if new else 0)) - (
+                len(old_top) + (old.chain_rule_count if old else 0)
+            )
+            d_local_int += (new.no_local_internal if new else 0) - (old.no_local_internal if old else 0)
+            d_local_ext += (new.no_local_external if new else 0) - (old.no_local_external if old else 0)
+
+        parts: list[str] = []
+        if filter_del or filter_add:
+            parts.append("*filter")
+            parts.extend("-D" + r[2:] for r in filter_del)
+            parts.extend(filter_add)
+            parts.append("COMMIT")
+        nat_written = 0
+        if decls or deleted or top_del or services_add or other_add:
+            parts.append("*nat")
+            parts.extend(decls)
+            parts.extend(f":{c} - [0:0]" for c in deleted)
+            parts.extend("-D" + r[2:] for r in top_del)
+            # Inserted one by one at position 1: go backwards to keep their relative order.
+            parts.extend("-I KUBE-SERVICES 1" + r[len("-A KUBE-SERVICES"):] for r in reversed(services_add))
+            parts.extend(other_add)
+            parts.extend(chain_rules)
+            parts.extend(f"-X {c}" for c in deleted)
+            parts.append("COMMIT")
+            nat_written = len(services_add) + len(other_add) + sum(r.count("\n") + 1 for r in chain_rules if r)
+        if parts:
+            parts.append("")
+        return RenderResult(
+            text="\n".join(parts),
+            filter_rules=previous_result.filter_rules + d_filter,
+            nat_rules_written=nat_written,
+            nat_rules_total=previous_result.nat_rules_total + d_nat,
+            deleted_chains=deleted,
+            total_endpoints=total_endpoints,
+            large_cluster_mode=large,
+            no_local_internal=previous_result.no_local_internal + d_local_int,
+            no_local_external=previous_result.no_local_external + d_local_ext,
+            fragments=fragments,
+            full_sync=False,
+            services_written=written,
+        )
+
+
+def _name_key(name: ServicePortName) -> tuple[str, str, str, str]:
+    # Sorting on a plain tuple is several times faster than the dataclass's __lt__.
+    return (name.namespace, name.name, name.port, name.protocol)
 
 
 def default_categorize() -> Categorize:

@@ -331,37 +331,82 @@ class FakeTables:
         self.dump = Dump([Table(name, [Chain(c) for c in chains]) for name, chains in self.BUILTIN.items()])
 
     def restore(self, text: str) -> None:
-        """Apply restore input atomically; raise :class:`RestoreError` and change nothing if it fails."""
+        """Apply restore input atomically, as ``iptables-restore --noflush`` does.
+
+        Line by line: ``:CHAIN`` creates or flushes a chain, ``-A`` appends to
+        a declared *or existing* chain, ``-I CHAIN [n]`` inserts, ``-D CHAIN
+        rule`` deletes the rule with exactly that text (an error if none),
+        ``-X`` deletes an empty, unreferenced chain; at COMMIT every jump must
+        lead to a chain that exists.  Any error: :class:`RestoreError` or
+        :class:`ParseError` (with the line) and nothing changes.
+        """
         import copy
 
-        parsed = parse_dump(text)
         new = copy.deepcopy(self.dump)
-        for pt in parsed.tables:
-            table = new.table(pt.name)
+        table: Table | None = None
+        builtin_targets = {"ACCEPT", "REJECT", "DROP", "MARK", "RETURN", "DNAT", "SNAT", "MASQUERADE"}
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
             if table is None:
-                table = Table(pt.name)
-                new.tables.append(table)
-            for pc in pt.chains:
-                existing = table.get(pc.name)
-                if existing is None:
-                    table.chains.append(Chain(pc.name, list(pc.rules)))
+                if not line.startswith("*"):
+                    raise ParseError(f"expected a table (*name), got {line!r}", n)
+                table = new.table(line[1:])
+                if table is None:
+                    table = Table(line[1:])
+                    new.tables.append(table)
+                continue
+            m = _CHAIN_LINE.match(line)
+            if m:
+                chain = table.get(m.group(1))
+                if chain is None:
+                    table.chains.append(Chain(m.group(1)))
+                elif m.group(1) not in self.BUILTIN.get(table.name, ()):
+                    chain.rules = []
+                continue
+            if line == "COMMIT":
+                names = {c.name for c in table.chains}
+                for c in table.chains:
+                    for r in c.rules:
+                        if r.jump and r.jump not in builtin_targets and r.jump not in names:
+                            raise RestoreError(f"rule {r.raw!r} jumps to missing chain {r.jump}")
+                table = None
+                continue
+            op, _, rest = line.partition(" ")
+            name, _, spec = rest.strip().partition(" ")
+            chain = table.get(name)
+            if op in ("-A", "-I", "-D", "-X") and chain is None:
+                raise RestoreError(f"line {n}: no chain {name!r} in {table.name}")
+            if op == "-A":
+                chain.rules.append(parse_rule(line))
+            elif op == "-I":
+                pos, _, tail = spec.partition(" ")
+                index = int(pos) - 1 if pos.isdigit() else 0
+                if not pos.isdigit():
+                    tail = spec
+                if index > len(chain.rules):
+                    raise RestoreError(f"line {n}: index of insertion too big")
+                chain.rules.insert(index, parse_rule(f"-A {name} {tail}"))
+            elif op == "-D":
+                want = f"-A {name} {spec}"
+                for i, r in enumerate(chain.rules):
+                    if r.raw == want:
+                        del chain.rules[i]
+                        break
                 else:
-                    existing.rules = list(pc.rules)
-            # Rules for chains not declared in this input append to existing ones.
-            for pc in pt.chains:
-                if pc.deleted:
-                    referenced = [
-                        r.raw for c in table.chains if c.name != pc.name for r in c.rules if r.jump == pc.name
-                    ]
-                    if referenced:
-                        raise RestoreError(f"cannot delete chain {pc.name} in {pt.name}: still referenced by {referenced[0]!r}")
-                    table.chains = [c for c in table.chains if c.name != pc.name]
-            names = {c.name for c in table.chains}
-            builtin = {"ACCEPT", "REJECT", "DROP", "MARK", "RETURN", "DNAT", "SNAT", "MASQUERADE"}
-            for c in table.chains:
-                for r in c.rules:
-                    if r.jump and r.jump not in builtin and r.jump not in names:
-                        raise RestoreError(f"rule {r.raw!r} jumps to missing chain {r.jump}")
+                    raise RestoreError(f"line {n}: no rule {want!r} to delete (Bad rule: does a matching rule exist in that chain?)")
+            elif op == "-X":
+                referenced = [r.raw for c in table.chains if c.name != name for r in c.rules if r.jump == name]
+                if referenced:
+                    raise RestoreError(f"line {n}: cannot delete chain {name} in {table.name}: still referenced by {referenced[0]!r}")
+                if chain.rules:
+                    raise RestoreError(f"line {n}: cannot delete chain {name}: not empty")
+                table.chains = [c for c in table.chains if c.name != name]
+            else:
+                raise ParseError(f"cannot parse {line!r}", n)
+        if table is not None:
+            raise ParseError("no COMMIT at the end of the last table")
         self.dump = new
 
     def append(self, table: str, chain: str, args: str) -> None:
