@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kubelab.dns.resolver import STYLES, ResolvConf, UDPSender, Walker, parse_resolv_conf, rcode_text
+from kubelab.dns.resolver import STYLES, ResolvConf, Walker, parse_resolv_conf, rcode_text, sender_for
 
 DESCRIPTION = """\
 A stub resolver that follows resolv.conf exactly as glibc's
@@ -72,7 +72,7 @@ def load_conf(args: argparse.Namespace) -> ResolvConf:
 def run(args: argparse.Namespace) -> int:
     try:
         conf = load_conf(args)
-        walker = Walker(conf, UDPSender(conf), style=args.style)
+        walker = Walker(conf, sender_for(args.style, conf), style=args.style)
         result = walker.resolve(args.name, args.family)
     except ValueError as e:
         print(f"kubelab resolve: {e}", file=sys.stderr)

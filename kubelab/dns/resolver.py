@@ -17,7 +17,17 @@ glibc (resolv/res_query.c ``__res_context_search``, 2.36 as on Debian 12):
 musl (src/network/lookup_name.c ``name_from_dns_search``): with dots >=
 ndots or a trailing dot only the name as is is asked; otherwise each search
 domain then the name as is; only NXDOMAIN continues (NODATA and SERVFAIL
-stop the walk).
+stop the walk).  The answers of a pair are judged in order, A first: a
+timeout or SERVFAIL is EAI_AGAIN, NXDOMAIN moves on (even when the other
+half had addresses), any other error is EAI_FAIL.  Its query core
+(res_msend.c ``__res_msend_rc``, :class:`MuslSender`) differs from glibc's:
+each query goes to every nameserver at once, ``timeout`` is the total time
+with a resend of the unanswered queries every ``timeout/attempts``, only
+NOERROR and NXDOMAIN answers are accepted, a SERVFAIL is re-asked at once
+(at most 2 x queries times per interval) and REFUSED/NOTIMP/FORMERR are
+ignored -- so both end in EAI_AGAIN after the whole timeout.  NODATA is
+EAI_NODATA as musl >= 1.2.4 reports it (1.2.3, Debian 12's, said EAI_NONAME;
+musl commit 85050ac5).
 
 The walk is pure: it is given a ``send(name, qtypes)`` function, so tests
 can drive it from a table; :class:`UDPSender` is the real one.
@@ -25,6 +35,7 @@ can drive it from a table; :class:`UDPSender` is the real one.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import select
@@ -291,17 +302,16 @@ class Walker:
     # -- musl -------------------------------------------------------------------
 
     def _musl_query(self, qname: str, types, res: Result) -> str:
-        got = None
-        for _attempt in range(self.conf.attempts):
-            # musl asks every nameserver at once and takes the first useful reply;
-            # with one nameserver that is one send per attempt.
-            got = self.send(qname, types, self.conf.nameservers[0], res)
-            if got is not None and all(r is not None for r in got):
-                break
-        if got is None or any(r is None for r in got):
+        """name_from_dns for one name: "ok", "continue" (NXDOMAIN) or the EAI code."""
+        # One call: musl's query core does its own resends and nameserver
+        # fan-out within the total timeout (MuslSender); None = no answer.
+        got = self.send(qname, types, self.conf.nameservers[0], res)
+        if got is None:
             return "EAI_AGAIN"
+        # Judged in query order, A first, as musl's loop over abuf[] does:
+        # an NXDOMAIN A with a timed-out AAAA still moves the search on.
         for r in got:
-            if r.rcode == SERVFAIL:
+            if r is None or r.rcode == SERVFAIL:
                 return "EAI_AGAIN"
             if r.rcode == NXDOMAIN:
                 return "continue"
@@ -391,6 +401,137 @@ class UDPSender:
         except Exception:  # noqa: BLE001
             return None
         return _response(m, qname, q.question[0].rdtype, server)
+
+
+class MuslSender:
+    """musl's query core (res_msend.c ``__res_msend_rc``) over UDP, for ``Walker(style="musl")``.
+
+    Every query goes to every nameserver (the first three) from one socket;
+    the unanswered ones are sent again every ``timeout/attempts`` seconds
+    until ``timeout`` seconds in all have passed.  Only NOERROR and NXDOMAIN
+    answers are accepted; a SERVFAIL is asked again at once of the server
+    that sent it (at most 2 x queries times per interval); any other code
+    (REFUSED, NOTIMP, FORMERR) is ignored, so the query waits for another
+    server or the timeout.  A truncated answer is asked again over TCP, as
+    musl >= 1.2.4 does.  Returns the accepted answer per query type, None
+    for none; every send and every answer (ignored ones too) is recorded.
+    """
+
+    def __init__(self, conf: ResolvConf, clock=time.monotonic) -> None:
+        self.conf = conf
+        self.clock = clock
+        self.rand = random.Random()
+
+    def _servers(self) -> tuple[int, list[tuple]]:
+        servers = [(h, p) for h, p in self.conf.nameservers[:MAXNS]]
+        if any(":" in h for h, _ in servers):
+            # Mixed families: one AF_INET6 socket, IPv4 servers as v4-mapped (as musl does).
+            return socket.AF_INET6, [(h if ":" in h else f"::ffff:{h}", p, 0, 0) for h, p in servers]
+        return socket.AF_INET, servers
+
+    def __call__(self, qname: str, types, ns: tuple[str, int], res: Result):
+        family, servers = self._servers()
+        ids = self.rand.sample(range(65536), len(types))  # distinct ids, as musl >= 1.2.4 ensures
+        queries = []
+        for t, qid in zip(types, ids, strict=True):
+            q = dns.message.make_query(qname, t, use_edns=False)
+            q.id = qid
+            q.flags = dns.flags.RD  # musl clears AD and sends no EDNS
+            queries.append(q)
+        wires = [q.to_wire() for q in queries]
+        by_id = {q.id: i for i, q in enumerate(queries)}
+        label = {s: (f"{s[0]}:{s[1]}" if s[1] != 53 else s[0]) for s in servers}
+        for s in servers:
+            if family == socket.AF_INET6 and s[0].startswith("::ffff:"):
+                label[s] = s[0].removeprefix("::ffff:") + (f":{s[1]}" if s[1] != 53 else "")
+        accepted: list[Response | None] = [None] * len(queries)
+        last_sent: dict[tuple[int, tuple], Sent] = {}
+
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setblocking(False)
+
+        def send(i: int, server) -> None:
+            try:
+                sock.sendto(wires[i], server)
+            except OSError:
+                return  # musl ignores sendto errors too; the query just waits
+            s = Sent(qname, queries[i].question[0].rdtype, label[server], None)
+            res.sent.append(s)
+            last_sent[(i, server)] = s
+
+        try:
+            timeout = self.conf.timeout
+            interval = timeout / max(1, self.conf.attempts)
+            t0 = now = self.clock()
+            t1 = now - interval
+            servfail_retry = 0
+            while now - t0 < timeout and any(a is None for a in accepted):
+                if now - t1 >= interval:
+                    for i, a in enumerate(accepted):
+                        if a is None:
+                            for server in servers:
+                                send(i, server)
+                    t1 = now
+                    servfail_retry = 2 * len(queries)
+                ready, _, _ = select.select([sock], [], [], max(0.0, t1 + interval - now))
+                while ready:
+                    try:
+                        data, src = sock.recvfrom(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # ICMP port unreachable from one server: keep waiting
+                    server = next((s for s in servers if _same_addr(s, src)), None)
+                    if server is None or len(data) < 4:
+                        continue  # not from a server we asked
+                    i = by_id.get(int.from_bytes(data[:2], "big"))
+                    if i is None or accepted[i] is not None:
+                        continue
+                    try:
+                        m = dns.message.from_wire(data, ignore_trailing=True)
+                    except Exception:  # noqa: BLE001 - musl would store it and fail to parse; treat as no answer
+                        continue
+                    resp = _response(m, qname, queries[i].question[0].rdtype, label[server])
+                    sent = last_sent.get((i, server))
+                    if sent is not None and sent.response is None:
+                        sent.response = resp
+                    if resp.rcode == SERVFAIL:
+                        if servfail_retry:
+                            servfail_retry -= 1
+                            send(i, server)
+                        continue
+                    if resp.rcode not in (NOERROR, NXDOMAIN):
+                        continue
+                    if resp.tc:
+                        resp = self._tcp(queries[i], server, label[server], qname) or resp
+                        if sent is not None:
+                            sent.response = resp
+                    accepted[i] = resp
+                now = self.clock()
+            return accepted
+        finally:
+            sock.close()
+
+    def _tcp(self, q, server, label, qname) -> Response | None:
+        import dns.query
+
+        try:
+            m = dns.query.tcp(q, server[0], port=server[1], timeout=self.conf.timeout)
+        except Exception:  # noqa: BLE001 - musl leaves the query unanswered
+            return None
+        return _response(m, qname, q.question[0].rdtype, label)
+
+
+def _same_addr(a: tuple, b: tuple) -> bool:
+    """Same IP (compared as addresses, not text) and port."""
+    return a[1] == b[1] and ipaddress.ip_address(a[0].split("%", 1)[0]) == ipaddress.ip_address(b[0].split("%", 1)[0])
+
+
+def sender_for(style: str, conf: ResolvConf):
+    """The query core ``style``'s resolver uses: glibc's send_dg or musl's __res_msend_rc."""
+    return MuslSender(conf) if style == "musl" else UDPSender(conf)
 
 
 def _response(m: dns.message.Message, qname: str, qtype: int, server: str) -> Response:
