@@ -13,8 +13,11 @@ A stub resolver that follows resolv.conf exactly as glibc's
 __res_context_search (or musl's name_from_dns_search) does: the trailing
 dot, ndots, the search order, which answers continue the walk (glibc:
 NXDOMAIN, NODATA and SERVFAIL go on; musl: only NXDOMAIN), and the final
-as-is query.  With --family unspec (the default, like getaddrinfo and
-'getent ahosts') each step asks A and AAAA together.  Every query sent is
+as-is query.  --style musl also follows musl's query core: every
+nameserver at once, 'timeout' is the whole budget with a resend every
+timeout/attempts, REFUSED ignored and SERVFAIL re-asked until then.
+With --family unspec (the default, like getaddrinfo and 'getent ahosts')
+each step asks A and AAAA together.  Every query sent is
 printed with the answer it got, then the result.
 """
 
@@ -109,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                 r = s.response
                 flags = " ".join(f for f, on in (("aa", r.aa), ("ra", r.ra), ("tc", r.tc)) if on)
                 got = f"{rcode_text(r.rcode)} {r.ancount} answer{'s' if r.ancount != 1 else ''}" + (f" [{flags}]" if flags else "")
+                if args.style == "musl" and r.rcode not in (0, 3):
+                    got += " (ignored: musl takes only NOERROR/NXDOMAIN, resends until the timeout)"
             print(f"query {i}: {s.qname} {t} @{s.server} -> {got}")
         print(f"result: {result.status}")
         for r in result.answers:

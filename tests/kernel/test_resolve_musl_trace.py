@@ -42,14 +42,18 @@ SERVER = textwrap.dedent(
     from kubelab.dns.server import DNSConfig
     from kubelab.dns.testing import ThreadedServer, fixture_cluster
     log = open(sys.argv[1], "a", buffering=1)
-    def query_log(ip, name_wire, qtype, tcp):
-        labels, i = [], 0
-        while name_wire[i]:
-            labels.append(name_wire[i + 1 : i + 1 + name_wire[i]].decode("ascii", "replace"))
-            i += name_wire[i] + 1
-        log.write(f"{'.'.join(labels)}. {qtype}\\n")
+    def query_log_for(server):
+        def query_log(ip, name_wire, qtype, tcp):
+            labels, i = [], 0
+            while name_wire[i]:
+                labels.append(name_wire[i + 1 : i + 1 + name_wire[i]].decode("ascii", "replace"))
+                i += name_wire[i] + 1
+            log.write(f"{server} {'.'.join(labels)}. {qtype}\\n")
+        return query_log
     cfg = DNSConfig(settings=Settings(), recursion_cidrs=("10.96.0.0/16", "127.0.0.0/8"))
-    with ThreadedServer(cfg, *fixture_cluster(), listen=[("10.96.0.10", 53)], upstreams=[("127.0.0.1", 5300)], query_log=query_log):
+    # Two servers (two threads) so a two-nameserver resolv.conf shows who got what.
+    with ThreadedServer(cfg, *fixture_cluster(), listen=[("10.96.0.10", 53)], upstreams=[("127.0.0.1", 5300)], query_log=query_log_for("10.96.0.10")), \\
+         ThreadedServer(cfg, *fixture_cluster(), listen=[("10.96.0.11", 53)], upstreams=[("127.0.0.1", 5300)], query_log=query_log_for("10.96.0.11")):
         print("ready", flush=True)
         sys.stdin.read()
     """
@@ -82,6 +86,7 @@ def lab(tmp_path_factory):
         (netns_etc / "resolv.conf").write_text(RESOLV)
         sh("ip", "-n", NS, "link", "set", "lo", "up")
         sh("ip", "-n", NS, "addr", "add", "10.96.0.10/32", "dev", "lo")
+        sh("ip", "-n", NS, "addr", "add", "10.96.0.11/32", "dev", "lo")
         procs.append(
             subprocess.Popen(
                 ["ip", "netns", "exec", NS, "dnsmasq", "-k", "-C", "/dev/null", "--port=5300", "--listen-address=127.0.0.1", "--bind-interfaces",
@@ -112,9 +117,15 @@ def lab(tmp_path_factory):
         shutil.rmtree(netns_etc, ignore_errors=True)
 
 
-def trace(log: Path, argv) -> tuple[list[tuple[str, str]], subprocess.CompletedProcess]:
-    """Run argv in the namespace; return the questions the server received meanwhile, and the process."""
+def trace(log: Path, argv, *, resolv_conf: Path | None = None) -> tuple[list[tuple[str, str, str]], subprocess.CompletedProcess]:
+    """Run argv in the namespace; return the (server, name, type) questions received meanwhile, and the process.
+
+    With ``resolv_conf``, argv runs in a mount namespace of its own where
+    that file is bind-mounted over /etc/resolv.conf (the netns one stays).
+    """
     start = log.stat().st_size
+    if resolv_conf is not None:
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv_conf), *argv]
     r = sh("ip", "netns", "exec", NS, *argv, check=False)
     time.sleep(0.05)  # the server thread writes its log line after answering
     with log.open() as f:
@@ -123,8 +134,8 @@ def trace(log: Path, argv) -> tuple[list[tuple[str, str]], subprocess.CompletedP
     names = {1: "A", 28: "AAAA"}
     out = []
     for line in lines:
-        name, qtype = line.rsplit(" ", 1)
-        out.append((name, names.get(int(qtype), qtype)))
+        server, name, qtype = line.split(" ")
+        out.append((server, name, names.get(int(qtype), qtype)))
     return out, r
 
 
@@ -177,8 +188,11 @@ def test_musl_queries_equal_kubelab_resolve(lab, musl_gai, name, status):
     musl, r = trace(lab, [str(musl_gai), name])
     assert r.returncode in (0, 1), f"{musl_gai} {name}: {r.stdout}{r.stderr}"
     assert musl, f"musl sent nothing for {name}: {r.stdout}{r.stderr}"
+    assert {s for s, _, _ in musl} == {"10.96.0.10"}
+    musl = [(n, t) for _, n, t in musl]
     musl_status = r.stdout.splitlines()[0].removeprefix("status ")
     ours, r2 = trace(lab, [sys.executable, "-m", "kubelab", "resolve", name, "--style", "musl", "--json"])
+    ours = [(n, t) for _, n, t in ours]
     assert r2.returncode in (0, 1), r2.stderr
     report = json.loads(r2.stdout)
     reported = [(q["name"], q["type"]) for q in report["queries"]]
@@ -198,3 +212,33 @@ def test_musl_queries_equal_kubelab_resolve(lab, musl_gai, name, status):
     assert musl_status == expect_musl, f"real musl said {musl_status} for {name}"
     assert report["status"] == status
     assert (r.returncode == 0) == (r2.returncode == 0)
+
+
+TWO_NAMESERVERS = RESOLV.replace("nameserver 10.96.0.10\n", "nameserver 10.96.0.10\nnameserver 10.96.0.11\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("svc1.testns", "ok"), ("nope", "EAI_AGAIN")],
+    ids=["found-on-second-search-domain", "refused-resent-to-both"],
+)
+def test_musl_asks_every_nameserver_at_once(lab, musl_gai, tmp_path, name, status):
+    """musl sends each query to all nameservers in parallel (glibc tries them in turn)."""
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(TWO_NAMESERVERS)
+    musl, r = trace(lab, [str(musl_gai), name], resolv_conf=conf)
+    ours, r2 = trace(lab, [sys.executable, "-m", "kubelab", "resolve", name, "--style", "musl", "--json"], resolv_conf=conf)
+    report = json.loads(r2.stdout)
+    reported = [(q["server"], q["name"], q["type"]) for q in report["queries"]]
+    # Each server sees the whole walk; the two servers' threads interleave
+    # their log lines in no fixed order, so compare per server.
+    for server in ("10.96.0.10", "10.96.0.11"):
+        seen_musl = [(n, t) for s, n, t in musl if s == server]
+        seen_ours = [(n, t) for s, n, t in ours if s == server]
+        assert seen_musl, f"musl asked {server} nothing"
+        assert [(n, t) for s, n, t in reported if s == server] == seen_ours, f"kubelab resolve printed what it sent to {server}"
+        assert seen_ours == seen_musl, server
+    # And in one stream, every query went to both servers before the next one.
+    assert [(n, t) for s, n, t in reported][::2] == [(n, t) for s, n, t in reported][1::2]
+    assert r.stdout.splitlines()[0] == f"status {status}"
+    assert report["status"] == status
