@@ -440,10 +440,10 @@ class MuslSender:
             queries.append(q)
         wires = [q.to_wire() for q in queries]
         by_id = {q.id: i for i, q in enumerate(queries)}
-        label = {s: (f"{s[0]}:{s[1]}" if s[1] != 53 else s[0]) for s in servers}
+        label = {}
         for s in servers:
-            if family == socket.AF_INET6 and s[0].startswith("::ffff:"):
-                label[s] = s[0].removeprefix("::ffff:") + (f":{s[1]}" if s[1] != 53 else "")
+            host = s[0].removeprefix("::ffff:") if family == socket.AF_INET6 else s[0]
+            label[s] = host if s[1] == 53 else (f"[{host}]:{s[1]}" if ":" in host else f"{host}:{s[1]}")
         accepted: list[Response | None] = [None] * len(queries)
         last_sent: dict[tuple[int, tuple], Sent] = {}
 
