@@ -1,37 +1,40 @@
 #!/usr/bin/env python3
-"""Benchmark: kubelab's iptables mode vs iptables-restore alone, in a throwaway network namespace.
+"""Benchmark: kubelab's iptables mode vs ``iptables-restore`` alone, in throwaway network namespaces.
 
-For N services x E endpoints (default 10,000 x 5) and each backend (nft, legacy):
+For N services x E endpoints (default 10,000 x 5) and each backend (nft, legacy),
+``--pairs`` pairs of runs, alternating which goes first (ABAB, BAAB, ...):
 
-* full sync: IPTablesProxier.sync_proxy_rules on a fresh namespace (jump
-  rules + iptables-save + render + one restore), against iptables-restore
-  alone loading the very same text into another fresh namespace -- ratio;
-* partial sync after one service's endpoints change (median of --repeat);
-* resident memory (RSS) of this process after the full sync.
+* A -- kubelab: a fresh process builds the objects into a SyncState (as the
+  controller would), then ``IPTablesProxier.sync_proxy_rules`` does a full
+  sync into a fresh namespace (jump rules + iptables-save + render + one
+  restore + housekeeping).  Timed: the sync call.  Then ``--repeat`` partial
+  syncs, each after one service's endpoints changed; then its resident
+  memory (VmRSS now, VmHWM peak).
+* B -- ``iptables-<backend>-restore -w 5 --noflush --counters`` alone loading
+  the very text A loaded, into another fresh namespace.  Timed: the command
+  (``ip netns exec`` included, as in A).
 
-Run as root:  python3 bench/iptables_sync.py [--services 10000] [--endpoints 5] [--repeat 5]
+Reported per backend: medians over the pairs with their spread (min-max),
+the per-pair ratio A/B (target <= 1.25), the partial-sync median and
+spread over all repeats (target < 50 ms on nft), and RSS (target < 150 MB).
+
+Run as root:
+    python3 bench/iptables_sync.py [--services 10000] [--endpoints 5] [--pairs 2] [--repeat 7] [--backend nft|legacy]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
+import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from kubelab.model import NodeInfo  # noqa: E402
-from kubelab.modes.iptables.proxier import IPTablesProxier  # noqa: E402
-from kubelab.modes.iptables.testing import StateBuilder, make_service, make_slice  # noqa: E402
-from kubelab.proxy.config import ProxyConfig  # noqa: E402
-from kubelab.proxy.kernel.exec import Runner  # noqa: E402
-from kubelab.proxy.provider import ModeDeps  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
 
 def netns(name: str) -> str:
@@ -40,72 +43,165 @@ def netns(name: str) -> str:
     return name
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def drop_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def build(n: int, e: int) -> StateBuilder:
+def proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def build(n: int, e: int):
+    from kubelab.model import NodeInfo
+    from kubelab.modes.iptables.testing import StateBuilder, make_service, make_slice
+
     b = StateBuilder(NodeInfo(name="bench-node", ips=("192.168.0.2",)))
     objs = []
     for i in range(n):
         ip = f"172.30.{i // 250}.{i % 250 + 1}"
         objs.append(make_service(f"ns{i % 100}", f"svc{i}", ip, [("http", 80, "TCP")]))
-        objs.append(make_slice(f"ns{i % 100}", f"svc{i}", [f"10.{(i * e + j) // 65536 % 256}.{(i * e + j) // 256 % 256}.{(i * e + j) % 256}" for j in range(e)], [("http", 8080, "TCP")]))
+        objs.append(make_slice(
+            f"ns{i % 100}", f"svc{i}",
+            [f"10.{(i * e + j) // 65536 % 256}.{(i * e + j) // 256 % 256}.{(i * e + j) % 256}" for j in range(e)],
+            [("http", 8080, "TCP")],
+        ))
     b.add(*objs)
     return b
 
 
-def run_backend(backend: str, n: int, e: int, repeat: int) -> dict:
-    tag = f"kl-ipt-bench-{os.getpid()}"
-    a, c = netns(f"{tag}-a"), netns(f"{tag}-c")
+def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str) -> dict:
+    """Run A in this (fresh) process: full sync, partial syncs, memory; write the full-sync text."""
+    import asyncio
+    import logging
+
+    from kubelab.modes.iptables.proxier import IPTablesProxier
+    from kubelab.modes.iptables.testing import make_slice
+    from kubelab.proxy.config import ProxyConfig
+    from kubelab.proxy.kernel.exec import Runner
+    from kubelab.proxy.provider import ModeDeps
+
+    b = build(n, e)
+    state = b.state(full_sync=True)
+    rss_objects = proc_status_mb("VmRSS")
+    deps = ModeDeps(config=ProxyConfig(cluster_cidr=("10.0.0.0/8",)), node=state.node,
+                    logger=logging.getLogger("bench"), run=Runner(ns, timeout=7200), extra={"iptables_backend": backend})
+    p = IPTablesProxier(deps)
+    t0 = time.perf_counter()
+    asyncio.run(p.sync_proxy_rules(state))
+    full = time.perf_counter() - t0
+    timings = dict(p.stats.timings)
+    partial, partial_timings = [], []
+    for r in range(repeat):
+        i = (r * 7919) % n
+        b.add(make_slice(f"ns{i % 100}", f"svc{i}", [f"10.200.{r}.{j}" for j in range(e)], [("http", 8080, "TCP")]))
+        st = b.state()
+        t0 = time.perf_counter()
+        asyncio.run(p.sync_proxy_rules(st))
+        partial.append(time.perf_counter() - t0)
+        partial_timings.append(dict(p.stats.timings))
+    rss, hwm = proc_status_mb("VmRSS"), proc_status_mb("VmHWM")
+    # The text B loads: what this full sync wrote (a fresh namespace has no stale chains to delete).
+    text = p.render(state)
+    with open(text_out, "w") as f:
+        f.write(text)
+    return {"full": full, "timings": timings, "partial": partial, "partial_timings": partial_timings,
+            "rss_mb": rss, "hwm_mb": hwm, "rss_objects_mb": rss_objects, "lines": text.count("\n"),
+            "chains": text.count("\n:")}
+
+
+def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str) -> dict:
+    ns = netns(f"{tag}-a")
     try:
-        b = build(n, e)
-        state = b.state(full_sync=True)
-        deps = ModeDeps(config=ProxyConfig(cluster_cidr=("10.0.0.0/8",)), node=state.node,
-                        logger=logging.getLogger("bench"), run=Runner(a), extra={"iptables_backend": backend})
-        p = IPTablesProxier(deps)
-        t0 = time.perf_counter()
-        asyncio.run(p.sync_proxy_rules(state))
-        full = time.perf_counter() - t0
-        timings = dict(p.stats.timings)
-        text = p.stats.last_text
-        rss = rss_mb()
-        # iptables-restore alone, same text, fresh namespace.
-        t0 = time.perf_counter()
-        subprocess.run(["ip", "netns", "exec", c, f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"],
-                       input=text, text=True, check=True)
-        alone = time.perf_counter() - t0
-        partial = []
-        for r in range(repeat):
-            i = r % n
-            b.add(make_slice(f"ns{i % 100}", f"svc{i}", [f"10.200.{r}.{j}" for j in range(e)], [("http", 8080, "TCP")]))
-            st = b.state()
-            t0 = time.perf_counter()
-            asyncio.run(p.sync_proxy_rules(st))
-            partial.append(time.perf_counter() - t0)
-        return {"backend": backend, "full": full, "alone": alone, "ratio": full / alone, "timings": timings,
-                "partial_median": statistics.median(partial), "partial_all": partial, "rss_mb": rss,
-                "lines": text.count("\n")}
+        r = subprocess.run([sys.executable, __file__, "--child", backend, str(n), str(e), str(repeat), ns, text_out],
+                           capture_output=True, text=True, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
     finally:
-        for ns in (a, c):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        drop_netns(ns)
+
+
+def run_b(backend: str, tag: str, text_path: str) -> float:
+    ns = netns(f"{tag}-b")
+    try:
+        with open(text_path) as f:
+            t0 = time.perf_counter()
+            subprocess.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"],
+                           stdin=f, check=True)
+            return time.perf_counter() - t0
+    finally:
+        drop_netns(ns)
+
+
+def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(xs) * scale)} ({fmt.format(min(xs) * scale)}-{fmt.format(max(xs) * scale)})"
+
+
+def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict:
+    tag = f"kl-ipt-bench-{os.getpid()}"
+    a_runs, b_runs, ratios = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "restore.txt")
+        for k in range(pairs):
+            if k % 2 == 0:
+                a = run_a(backend, n, e, repeat, tag, text)
+                b = run_b(backend, tag, text)
+            else:
+                # B first needs the text: the previous pair's (the input is deterministic).
+                b = run_b(backend, tag, text)
+                a = run_a(backend, n, e, repeat, tag, text)
+            a_runs.append(a)
+            b_runs.append(b)
+            ratios.append(a["full"] / b)
+            print(f"  {backend} pair {k + 1}: kubelab {a['full']:.2f}s "
+                  f"({', '.join(f'{key} {v:.2f}' for key, v in a['timings'].items())}) vs restore alone {b:.2f}s "
+                  f"-> {a['full'] / b:.2f}; partial {', '.join(f'{x * 1000:.0f}' for x in a['partial'])} ms; "
+                  f"RSS {a['rss_mb']:.0f} MB (peak {a['hwm_mb']:.0f}, objects alone {a['rss_objects_mb']:.0f})",
+                  file=sys.stderr, flush=True)
+    partial = [x for a in a_runs for x in a["partial"]]
+    return {
+        "backend": backend, "services": n, "endpoints": e, "pairs": pairs,
+        "lines": a_runs[0]["lines"], "chains": a_runs[0]["chains"],
+        "full": [a["full"] for a in a_runs], "alone": b_runs, "ratio": ratios,
+        "render": [a["timings"]["render"] for a in a_runs],
+        "partial": partial,
+        "rss_mb": [a["rss_mb"] for a in a_runs], "hwm_mb": [a["hwm_mb"] for a in a_runs],
+        "rss_objects_mb": [a["rss_objects_mb"] for a in a_runs],
+    }
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        backend, n, e, repeat, ns, out = sys.argv[2:8]
+        print(json.dumps(child(backend, int(n), int(e), int(repeat), ns, out)))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=2, help="A/B pairs per backend, alternating order (default 2)")
+    ap.add_argument("--repeat", type=int, default=7, help="partial syncs after each full sync (default 7)")
     ap.add_argument("--backend", action="append", choices=["nft", "legacy"])
+    ap.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root: the benchmark creates network namespaces", file=sys.stderr)
+        return 2
+    results = []
     for backend in args.backend or ["nft", "legacy"]:
-        r = run_backend(backend, args.services, args.endpoints, args.repeat)
-        t = r["timings"]
-        print(f"{backend}: {args.services}x{args.endpoints} ({r['lines']} lines) full sync {r['full']:.2f}s "
-              f"(jumps {t['jumps']:.2f} save {t['save']:.2f} render {t['render']:.2f} restore {t['restore']:.2f}) "
-              f"vs iptables-restore alone {r['alone']:.2f}s -> ratio {r['ratio']:.2f}; "
-              f"partial sync median {r['partial_median'] * 1000:.0f} ms "
-              f"({', '.join(f'{x * 1000:.0f}' for x in r['partial_all'])}); max RSS {r['rss_mb']:.0f} MB", flush=True)
+        r = bench_backend(backend, args.services, args.endpoints, args.pairs, args.repeat)
+        results.append(r)
+        print(f"{backend}: {args.services}x{args.endpoints} ({r['lines']} lines, {r['chains']} chains), "
+              f"median (min-max) of {args.pairs} ABAB pairs: kubelab full sync {spread(r['full'])} s "
+              f"[render {spread(r['render'])} s] vs iptables-restore alone {spread(r['alone'])} s -> "
+              f"ratio {spread(r['ratio'])}; partial sync {spread(r['partial'], 1000, '{:.1f}')} ms "
+              f"(n={len(r['partial'])}); RSS {spread(r['rss_mb'], fmt='{:.0f}')} MB, "
+              f"peak {spread(r['hwm_mb'], fmt='{:.0f}')} MB (objects alone {spread(r['rss_objects_mb'], fmt='{:.0f}')} MB)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -63,6 +63,13 @@ class JumpChain:
             args += ["-m", "comment", "--comment", self.comment]
         return args + ["-j", self.dst]
 
+    def restore_args(self) -> str:
+        """The same rule as restore text (the comment quoted)."""
+        words = list(self.extra)
+        if self.comment:
+            words += ["-m", "comment", "--comment", f'"{self.comment}"']
+        return " ".join([*words, "-j", self.dst])
+
 
 _NEW = ("-m", "conntrack", "--ctstate", "NEW")
 JUMP_CHAINS = (
@@ -189,6 +196,7 @@ class _SyncStats:
     syncs: int = 0
     full_syncs: int = 0
     last_text: str = ""
+    last_restore: str = ""
     last_result: RenderResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -304,37 +312,65 @@ class IPTablesProxier(Dataplane):
             self._renderer = Renderer(self.render_config)
         return self._renderer
 
-    def _ensure_jumps(self) -> None:
-        ipt = self.iptables
+    def _save_tables(self) -> dict[str, str]:
+        """``iptables-save`` of filter, nat and mangle (what a full sync checks its jumps and stale chains against)."""
+        return {table: self.iptables.save(table) for table in ("filter", "nat", "mangle")}
+
+    def _jump_lines(self, saved: dict[str, str]) -> dict[str, list[str]]:
+        """Restore lines for the jump rules (and canary chains) that ``saved`` lacks, per table.
+
+        kube-proxy ensures each jump with ``iptables -C`` / ``-I`` and each
+        canary with ``-N``: some 40 commands per full sync at ~25-100 ms each.
+        The saves already tell what is there, so the missing pieces ride in
+        the sync's one restore instead: ``-I <builtin> 1 ...`` in kube-proxy's
+        order (each prepended, as its EnsureRule(Prepend) does), and the
+        canaries declared (empty chains; declaring flushes nothing of value).
+        """
         jumps = JUMP_CHAINS + (KUBELET_JUMP_CHAINS if self.render_config.localhost_nodeports else ())
-        # One iptables-save per table tells what is already there: each single
-        # iptables call costs ~50-100 ms on the nft backend, and a full sync
-        # would otherwise make 40 of them.
-        saved: dict[str, str] = {}
-        for table in ("filter", "nat", "mangle"):
-            try:
-                saved[table] = ipt.save(table)
-            except IPTablesError:
-                saved[table] = ""
+        builtin = {j.src for j in jumps}
+        rules: dict[str, dict[str, list[str]]] = {}
+        for table, text in saved.items():
+            per_chain: dict[str, list[str]] = {}
+            for line in text.splitlines():
+                if line.startswith("-A "):
+                    chain = line[3:].split(" ", 1)[0]
+                    if chain in builtin:
+                        per_chain.setdefault(chain, []).append(line)
+            rules[table] = per_chain
 
         def present(j: JumpChain) -> bool:
-            text = saved.get(j.table, "")
-            if f"\n:{j.dst} " not in text:
+            if f"\n:{j.dst} " not in saved.get(j.table, ""):
                 return False
             want = [f"-j {j.dst}"] + ([f'--comment "{j.comment}"'] if j.comment else [])
-            for line in text.splitlines():
-                if line.startswith(f"-A {j.src} ") and all(w in line for w in want):
-                    if j.comment or line == f"-A {j.src} -j {j.dst}":
-                        return True
+            for line in rules.get(j.table, {}).get(j.src, ()):
+                if all(w in line for w in want) and (j.comment or line == f"-A {j.src} -j {j.dst}"):
+                    return True
             return False
 
+        out: dict[str, list[str]] = {t: [f":{C.KUBE_PROXY_CANARY} - [0:0]"] for t in CANARY_TABLES}
         for j in jumps:
             if not present(j):
-                ipt.ensure_chain(j.table, j.dst)
-                ipt.ensure_rule(True, j.table, j.src, j.args())
-        for table in CANARY_TABLES:
-            if f"\n:{C.KUBE_PROXY_CANARY} " not in saved.get(table, ""):
-                ipt.ensure_chain(table, C.KUBE_PROXY_CANARY)
+                out[j.table].append(f"-I {j.src} 1 {j.restore_args()}")
+        return out
+
+    @staticmethod
+    def _with_jumps(text: str, jumps: dict[str, list[str]]) -> str:
+        """``text`` with each table's jump/canary lines added (declarations first, rules before COMMIT)."""
+        out: list[str] = []
+        mangle = jumps.get("mangle")
+        if mangle:
+            out += ["*mangle", *mangle, "COMMIT"]
+        table = ""
+        for line in text.split("\n"):
+            if line.startswith("*"):
+                table = line[1:]
+                out.append(line)
+                out.extend(x for x in jumps.get(table, ()) if x.startswith(":"))
+                continue
+            if line == "COMMIT":
+                out.extend(x for x in jumps.get(table, ()) if not x.startswith(":"))
+            out.append(line)
+        return "\n".join(out)
 
     # ------------------------------------------------------------ syncing
 
@@ -353,28 +389,25 @@ class IPTablesProxier(Dataplane):
         self._init_kernel()
         previous = self._result
         full = state.full_sync or force_full or self._need_full_sync or previous is None
-        try:
-            if full:
-                # The jumps from built-in chains cannot be part of a --noflush restore
-                # without owning those chains; they are (re)ensured on full syncs only.
-                self._ensure_jumps()
-        except IPTablesError as e:
-            self._need_full_sync = True
-            raise SyncError(f"cannot install jump rules: {e}") from e
         t1 = time.perf_counter()
 
         existing = None
+        saved: dict[str, str] = {}
         now = time.monotonic()
         if full:
-            # Stale chains: partial syncs know them from the fragments they replace;
-            # full syncs also look for leftovers with iptables-save.  That can take
-            # seconds on big hosts: large clusters do it once per period, as upstream.
+            # One iptables-save per table tells which jump rules and canaries are
+            # missing (they join the restore) and, in nat, which per-service chains
+            # exist: partial syncs know their stale chains from the fragments they
+            # replace; full syncs also delete leftovers found here -- in large
+            # clusters once per period, as upstream.
+            try:
+                saved = self._save_tables()
+            except IPTablesError as e:
+                self._need_full_sync = True
+                raise SyncError(f"cannot read the current rules (iptables-save): {e}") from e
             large = Renderer.total_endpoints(state.service_map, state.endpoints_map) > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
             if not large or now - self.stats.last_cleanup > self.config.sync_period:
-                try:
-                    existing = self.iptables.chains("nat")
-                except IPTablesError as e:
-                    self.log.error("%s: stale chains will not be deleted this sync", e)
+                existing = {line[1:].split(" ", 1)[0] for line in saved["nat"].split("\n") if line.startswith(":")}
         t2 = time.perf_counter()
 
         if full:
@@ -383,11 +416,11 @@ class IPTablesProxier(Dataplane):
             result = self.renderer.render_partial(
                 state.service_map, state.endpoints_map, state.node, state.updated_services, previous.fragments, previous
             )
-            full = result.full_sync  # a switch into or out of large-cluster mode rewrites everything
+        text = self._with_jumps(result.text, self._jump_lines(saved)) if full else result.text
         t3 = time.perf_counter()
         try:
-            if result.text:
-                self.iptables.restore_all(result.text)
+            if text:
+                self.iptables.restore_all(text)
         except RestoreError as e:
             self._need_full_sync = True
             self._result = None
@@ -395,14 +428,15 @@ class IPTablesProxier(Dataplane):
                 self.metrics.iptables_restore_failures_total.inc()
                 if not full:
                     self.metrics.iptables_partial_restore_failures_total.inc()
-            detail = f"\n{extract_lines(result.text, e.line)}" if e.line else ""
+            detail = f"\n{extract_lines(text, e.line)}" if e.line else ""
             self.log.error("%s%s", e, detail)
             raise SyncError(f"{e} (previous rules stay in force; retrying as a full sync)") from e
         t4 = time.perf_counter()
 
         total_endpoints = result.total_endpoints
         if self._keep_last_text:
-            self.stats.last_text = result.text
+            self.stats.last_text = result.text  # the rendered rules (kube-proxy's text on full syncs)
+            self.stats.last_restore = text  # what iptables-restore got (plus missing jumps and canaries)
         # The fragments are all a partial sync needs; the text (17 MB at 10k services) goes.
         result.text = ""
         self._result = result
@@ -434,7 +468,7 @@ class IPTablesProxier(Dataplane):
         )
         t5 = time.perf_counter()
         self.stats.timings = {
-            "jumps": t1 - t0,
+            "setup": t1 - t0,
             "save": t2 - t1,
             "render": t3 - t2,
             "restore": t4 - t3,
