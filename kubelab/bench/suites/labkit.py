@@ -77,9 +77,12 @@ def _pod(name: str, node: str, command: list[str] | None = None, ports: list[dic
             "spec": {"nodeName": node, "containers": [container]}}
 
 
-def echo_pod(name: str, app: str = "echo", node: str = "node2") -> dict:
-    """A pod running the lab's built-in TCP echo on 9000 (answers ``pod=NAME``)."""
-    return _pod(name, node, ports=[{"name": "echo", "containerPort": 9000}], app=app)
+def echo_pod(name: str, app: str = "echo", node: str = "node2", ip: str = "") -> dict:
+    """A pod running the lab's built-in TCP echo on 9000 (answers ``pod=NAME``); ``ip`` pins its address."""
+    pod = _pod(name, node, ports=[{"name": "echo", "containerPort": 9000}], app=app)
+    if ip:
+        pod["status"] = {"podIP": ip}
+    return pod
 
 
 def scale_services(count: int, start: int = 0) -> list[dict]:
