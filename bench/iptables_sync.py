@@ -11,8 +11,9 @@ For N services x E endpoints (default 10,000 x 5) and each backend (nft, legacy)
   syncs, each after one service's endpoints changed; then its resident
   memory (VmRSS now, VmHWM peak).
 * B -- ``iptables-<backend>-restore -w 5 --noflush --counters`` alone loading
-  the very text A loaded, into another fresh namespace.  Timed: the command
-  (``ip netns exec`` included, as in A).
+  the very text A rendered, into another fresh namespace entered as A's
+  runner enters it (setns).  Timed: the command.  (A's restore input also
+  carries the jump rules and canary chains, which B's lacks.)
 
 Reported per backend: medians over the pairs with their spread (min-max),
 the per-pair ratio A/B (target <= 1.25), the partial-sync median and
@@ -124,13 +125,16 @@ def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str) ->
 
 
 def run_b(backend: str, tag: str, text_path: str) -> float:
+    from kubelab.proxy.kernel.exec import _InNetns
+
     ns = netns(f"{tag}-b")
     try:
         with open(text_path) as f:
-            t0 = time.perf_counter()
-            subprocess.run(["ip", "netns", "exec", ns, f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"],
-                           stdin=f, check=True)
-            return time.perf_counter() - t0
+            # Entered the way A's Runner enters its namespace (setns, no `ip netns exec`).
+            with _InNetns(ns):
+                t0 = time.perf_counter()
+                subprocess.run([f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"], stdin=f, check=True)
+                return time.perf_counter() - t0
     finally:
         drop_netns(ns)
 

@@ -353,25 +353,6 @@ class IPTablesProxier(Dataplane):
                 out[j.table].append(f"-I {j.src} 1 {j.restore_args()}")
         return out
 
-    @staticmethod
-    def _with_jumps(text: str, jumps: dict[str, list[str]]) -> str:
-        """``text`` with each table's jump/canary lines added (declarations first, rules before COMMIT)."""
-        out: list[str] = []
-        mangle = jumps.get("mangle")
-        if mangle:
-            out += ["*mangle", *mangle, "COMMIT"]
-        table = ""
-        for line in text.split("\n"):
-            if line.startswith("*"):
-                table = line[1:]
-                out.append(line)
-                out.extend(x for x in jumps.get(table, ()) if x.startswith(":"))
-                continue
-            if line == "COMMIT":
-                out.extend(x for x in jumps.get(table, ()) if not x.startswith(":"))
-            out.append(line)
-        return "\n".join(out)
-
     # ------------------------------------------------------------ syncing
 
     def render(self, state: SyncState) -> str:
@@ -411,12 +392,14 @@ class IPTablesProxier(Dataplane):
         t2 = time.perf_counter()
 
         if full:
-            result = self.renderer.render_full(state.service_map, state.endpoints_map, state.node, existing)
+            result = self.renderer.render_full(
+                state.service_map, state.endpoints_map, state.node, existing, extra=self._jump_lines(saved)
+            )
         else:
             result = self.renderer.render_partial(
                 state.service_map, state.endpoints_map, state.node, state.updated_services, previous.fragments, previous
             )
-        text = self._with_jumps(result.text, self._jump_lines(saved)) if full else result.text
+        text = result.text
         t3 = time.perf_counter()
         try:
             if text:
@@ -435,8 +418,11 @@ class IPTablesProxier(Dataplane):
 
         total_endpoints = result.total_endpoints
         if self._keep_last_text:
-            self.stats.last_text = result.text  # the rendered rules (kube-proxy's text on full syncs)
-            self.stats.last_restore = text  # what iptables-restore got (plus missing jumps and canaries)
+            self.stats.last_restore = text  # what iptables-restore got (with missing jumps and canaries)
+            # kube-proxy's rules alone, as tests compare them with upstream's expectations.
+            self.stats.last_text = self.renderer.render_full(
+                state.service_map, state.endpoints_map, state.node, existing
+            ).text if full else text
         # The fragments are all a partial sync needs; the text (17 MB at 10k services) goes.
         result.text = ""
         self._result = result
