@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from kubelab.bench.progress import Progress
 from kubelab.bench.report import Results
 
-SUITE_NAMES = ("datapath", "scale", "control", "dns")
+# Run order: the scale suite grows the labs' Service count, so it comes
+# after the suites that want a small lab.
+SUITE_NAMES = ("datapath", "control", "scale", "dns")
 KERNELS = ("host", "uml")
 MODES = ("userspace", "iptables", "ipvs")
 

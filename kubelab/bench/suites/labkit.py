@@ -86,16 +86,13 @@ def echo_pod(name: str, app: str = "echo", node: str = "node2", ip: str = "") ->
 
 
 def scale_services(count: int, start: int = 0) -> list[dict]:
-    """``count`` extra ClusterIP Services (namespace bench-scale) over the echo pod."""
-    return [_svc(f"s{i}", 9000, 9000, app="echo") | {"metadata": {"name": f"s{i}", "namespace": "bench-scale"}}
-            for i in range(start, start + count)]
+    """``count`` extra ClusterIP Services ``bench/s<i>`` over the echo pod (a Service selects pods of its own namespace)."""
+    return [_svc(f"s{i}", 9000, 9000, app="echo") for i in range(start, start + count)]
 
 
 def probe_service() -> dict:
-    """The Service the scale suite connects to: it sorts last in kube-proxy's KUBE-SERVICES walk."""
-    svc = _svc("probe", 9000, 9000, app="echo")
-    svc["metadata"]["namespace"] = "zz-probe"
-    return svc
+    """``bench/zz-probe``, the Service the scale suite connects to: it sorts last in the KUBE-SERVICES walk."""
+    return _svc("zz-probe", 9000, 9000, app="echo")
 
 
 @dataclass

@@ -52,6 +52,8 @@ def rtt(host: str, port: int, count: int) -> dict:
                     got += chunk
         except OSError:
             errors += 1
+            if errors >= 5 and not out:
+                break  # nothing answers: say so now, not after COUNT timeouts
             continue
         if not got.startswith(b"HTTP/1."):
             errors += 1
@@ -66,13 +68,15 @@ def syn(host: str, port: int, count: int) -> dict:
     for _ in range(count):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-        s.settimeout(5)
+        s.settimeout(2)
         t0 = time.perf_counter()
         try:
             s.connect((host, port))
             out.append((time.perf_counter() - t0) * 1e6)
         except OSError:
             errors += 1
+            if errors >= 5 and not out:
+                break  # nothing answers: say so now, not after COUNT timeouts
         finally:
             s.close()
     return {"us": out, "errors": errors}

@@ -1,7 +1,7 @@
 """Scale: first-packet latency, sync time and proxy memory against the number of Services.
 
-The bench lab grows to each count in turn (``bench-scale/s0..sN``, each a
-ClusterIP Service over the echo pod, plus ``zz-probe/probe`` -- the Service
+The bench lab grows to each count in turn (``bench/s0..sN``, each a
+ClusterIP Service over the echo pod, plus ``bench/zz-probe`` -- the Service
 sorted last, so in iptables mode its rule is the last one of
 KUBE-SERVICES that a new connection's first packet walks).  At every count,
 each subject (iptables and ipvs modes; the userspace mode has no per-packet
@@ -76,7 +76,7 @@ class _Scale:
                 # The first full sync (normally the only one so far).
                 self.full_sync.setdefault(key, []).append(
                     m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n_full)
-            probe_ip = lab.service_ip("probe", "zz-probe")
+            probe_ip = lab.service_ip("zz-probe")
             echo_ip = lab.pod_ip("echo")
             for i in range(self.ctx.opts.runs):
                 for via, host in (("proxy", probe_ip), ("direct", echo_ip))[:: 1 if i % 2 == 0 else -1]:
