@@ -26,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubelab.model import Endpoint, NodeInfo, ServicePort, ServicePortName
 from kubelab.modes.iptables import chains as C
@@ -106,7 +106,7 @@ class ServiceFragment:
     chain_rule_count: int = 0
     no_local_internal: bool = False
     no_local_external: bool = False
-    endpoints: int = 0  # len(endpoints_map[name]), for large-cluster mode
+    endpoints: int = 0  # len(endpoints_map[name]) (all families, as kube-proxy counts), for large-cluster mode
     large: bool = False  # rendered in large-cluster mode (no per-endpoint comments)
 
     @property
@@ -135,6 +135,19 @@ class RenderResult:
     fragments: dict[ServicePortName, ServiceFragment]
     full_sync: bool = True
     services_written: int = 0  # service ports whose own chains were (re)written
+    _index: dict[tuple[str, str], list[ServicePortName]] | None = field(default=None, repr=False, compare=False)
+
+    def by_service(self, services: Iterable[tuple[str, str]]) -> list[ServicePortName]:
+        """The ports with fragments of these (namespace, name) services (an index built on first use)."""
+        if self._index is None:
+            index: dict[tuple[str, str], list[ServicePortName]] = {}
+            for name in self.fragments:
+                index.setdefault((name.namespace, name.name), []).append(name)
+            self._index = index
+        out: list[ServicePortName] = []
+        for key in services:
+            out.extend(self._index.get(key, ()))
+        return out
 
     @property
     def active_nat_chains(self) -> set[str]:
@@ -237,6 +250,7 @@ class Renderer:
         cluster_ip = normalize_ip(svc.cluster_ip) if svc.cluster_ip else None
         if cluster_ip is None or _family_of(cluster_ip) != family:
             return None
+        raw_endpoints = len(endpoints)
         if any(_family_of(ep.ip) != family for ep in endpoints):
             endpoints = [ep for ep in endpoints if _family_of(ep.ip) == family]
 
@@ -469,7 +483,7 @@ class Renderer:
             chain_rule_count=len(rules),
             no_local_internal=no_local_internal,
             no_local_external=no_local_external,
-            endpoints=len(endpoints),
+            endpoints=raw_endpoints,
             large=large,
         )
 
@@ -644,6 +658,9 @@ class Renderer:
         empty: tuple[Endpoint, ...] = ()
         get = endpoints_map.get
         render_service = self.render_service
+        # (namespace, name) -> ports: what partial syncs look changed services up by.
+        index: dict[tuple[str, str], list[ServicePortName]] = {}
+        index_get = index.setdefault
 
         # kube-proxy ranges over a Go map; sorting gives a stable text (and its tests sort too).
         for name in sorted(service_map, key=_name_key):
@@ -651,6 +668,7 @@ class Renderer:
             if frag is None:
                 continue
             fragments[name] = frag
+            index_get((name.namespace, name.name), []).append(name)
             if frag.filter_rules:
                 filter_rules.extend(frag.filter_rules)
             top_rules.extend(frag.nat_top_rules)
@@ -710,6 +728,7 @@ class Renderer:
             fragments=fragments,
             full_sync=True,
             services_written=len(fragments),
+            _index=index,
         )
 
     def render_partial(
@@ -739,14 +758,25 @@ class Renderer:
         fails as a whole and the proxier retries with a full sync.  The result's
         ``fragments`` is a new dict (``previous`` is not modified).
         """
-        total_endpoints = self.total_endpoints(service_map, endpoints_map)
+        # Everything here is O(changed services) except one pass over the service
+        # names: hashing 10k ServicePortNames (dataclass __hash__) alone costs ~30 ms.
+        updated = set(updated_services)
+        if not updated:
+            return replace(previous_result, text="", nat_rules_written=0, deleted_chains=[], full_sync=False,
+                           services_written=0)
+        pairs = {tuple(u.split("/", 1)) for u in updated}
+        changed = [n for n in service_map if (n.namespace, n.name) in pairs]
+        # Ports that went away (their service was updated or deleted): from the fragments.
+        seen = set(changed)
+        changed += [n for n in previous_result.by_service(pairs) if n not in seen]
+        # The large-cluster count, kept up to date from the changed services only.
+        total_endpoints = previous_result.total_endpoints
+        for name in changed:
+            old = previous.get(name)
+            total_endpoints += len(endpoints_map.get(name, ())) - (old.endpoints if old else 0)
         # Crossing the large-cluster threshold changes only the services written now,
         # as upstream; the next full sync brings the rest along.
         large = total_endpoints > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
-
-        updated = set(updated_services)
-        changed = [n for n in service_map if n.namespaced_name in updated]
-        changed += [n for n in previous if n not in service_map]
         fragments = dict(previous)
         empty: tuple[Endpoint, ...] = ()
 
@@ -816,6 +846,14 @@ class Renderer:
             nat_written = len(services_add) + len(other_add) + sum(r.count("\n") + 1 for r in chain_rules if r)
         if parts:
             parts.append("")
+        index = None
+        if previous_result._index is not None:
+            index = dict(previous_result._index)
+            for key in pairs:
+                index.pop(key, None)
+            for name in changed:
+                if name in fragments:
+                    index.setdefault((name.namespace, name.name), []).append(name)
         return RenderResult(
             text="\n".join(parts),
             filter_rules=previous_result.filter_rules + d_filter,
@@ -829,6 +867,7 @@ class Renderer:
             fragments=fragments,
             full_sync=False,
             services_written=written,
+            _index=index,
         )
 
 
