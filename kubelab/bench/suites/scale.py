@@ -131,6 +131,22 @@ class _Scale:
                 res.series.append(Series(SUITE, name, "Services", ylabel, x, lines, log_x=True))
 
         series("first-packet latency (connect p50)", "µs", self.first_packet, with_direct=True)
+        # The same batches as ratios to the direct connect measured beside
+        # them: the machine's noise cancels, the rule walk stays.
+        ratio_lines = {}
+        for key, label in labels:
+            if key.startswith("direct:"):
+                continue
+            direct_key = "direct:" + key.split(":", 1)[0]
+            vals = []
+            for c in self.counts:
+                a, b = self.first_packet.get((key, c)), self.first_packet.get((direct_key, c))
+                vals.append(paired_ratios(a, b) if a and b and len(a) == len(b) else None)
+            if any(vals):
+                ratio_lines[label] = vals
+        if ratio_lines:
+            res.series.append(Series(SUITE, "first-packet latency, ratio to direct", "Services",
+                                     "connect p50 through the Service / direct to pod", x, ratio_lines, log_x=True, hline=1.0))
         series("full sync time", "seconds", self.full_sync)
         series("sync after one Service changed", "ms", self.change_sync, scale=1e3)
         series("proxy memory (RSS)", "MB", self.rss)
