@@ -81,3 +81,108 @@ def test_progress_lines_without_tty():
     assert lines[0].startswith("[1/2 0s] first")
     assert lines[1] == "[2/2 10s, ~10s left] second"
     assert lines[2].startswith("[2/2 20s] done")
+
+
+# --------------------------------------------------------------------------
+# kubelab bench: options, plans, bar charts, the probe's wire format
+# --------------------------------------------------------------------------
+
+
+def test_category_series_plots_bars_and_names_rows(tmp_path):
+    r = Results(command="kubelab bench")
+    r.series.append(Series("data path", "ratio to a direct connection", "figure", "ratio", [0, 1],
+                           {"iptables (host)": [summarize([1.0, 1.1]), None], "ipvs (uml)": [summarize([0.9]), summarize([2.0])]},
+                           categories=["setup p50", "bulk MB/s"], hline=1.0))
+    paths = r.write(tmp_path)
+    md = paths["results.md"].read_text()
+    assert "| setup p50 | 1.05 (±4.8%, n=2) | 0.900 (±0.0%, n=1) |" in md
+    assert "| bulk MB/s | - | 2.00 (±0.0%, n=1) |" in md
+    assert json.loads(paths["results.json"].read_text())["series"][0]["categories"] == ["setup p50", "bulk MB/s"]
+    assert (tmp_path / "data-path-ratio-to-a-direct-connection.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "text,kernel,mode",
+    [("iptables", "host", "iptables"), ("ipvs", "uml", "ipvs"), ("uml:userspace", "uml", "userspace"),
+     ("host:iptables", "host", "iptables")],
+    ids=["bare-iptables-host", "bare-ipvs-uml", "uml-userspace", "explicit-host"],
+)
+def test_subject_parse(text, kernel, mode):
+    from kubelab.bench.suites import Subject
+
+    s = Subject.parse(text)
+    assert (s.kernel, s.mode) == (kernel, mode)
+    assert Subject.parse(s.key) == s
+
+
+@pytest.mark.parametrize("text", ["nft", "vm:iptables", "host:"], ids=["unknown-mode", "unknown-kernel", "no-mode"])
+def test_subject_parse_errors_say_the_form(text):
+    from kubelab.bench.suites import Subject
+
+    with pytest.raises(ValueError, match=r"KERNEL:\]MODE"):
+        Subject.parse(text)
+
+
+@pytest.mark.parametrize(
+    "argv,problem",
+    [(["--suites", "datapath,latency"], "unknown suite 'latency'"), (["--runs", "0"], "--runs must be at least 1"),
+     (["--services", "100,lots"], "--services '100,lots'"), (["--modes", "bpf"], "'bpf'"),
+     (["--seconds", "0"], "--seconds must be positive")],
+    ids=["suite", "runs", "services", "mode", "seconds"],
+)
+def test_cli_rejects_bad_flags_with_the_flag_named(argv, problem, capsys):
+    from kubelab.cli import main
+
+    assert main(["bench", *argv, "--plan"]) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_quick_plan_states_duration_under_five_minutes(capsys):
+    from kubelab.cli import main
+
+    assert main(["bench", "--quick", "--plan"]) == 0
+    captured = capsys.readouterr()
+    assert "expected duration about" in captured.err
+    line = captured.err.split("expected duration about ")[1].split()[0]
+    minutes = int(line.split("m")[0]) if "m" in line else 0
+    assert minutes < 5, captured.err
+    steps = captured.out.splitlines()
+    # Every suite is in the quick plan, IPVS runs in UML.
+    for suite in ("datapath", "control", "scale", "dns"):
+        assert any(s.lstrip().startswith(suite) for s in steps), suite
+    assert any("ipvs (uml)" in s for s in steps)
+
+
+def test_full_plan_covers_every_mode_on_both_kernels(capsys):
+    from kubelab.cli import main
+
+    assert main(["bench", "--plan", "--suites", "datapath"]) == 0
+    out = capsys.readouterr().out
+    for subject in ("userspace (host)", "iptables (host)", "userspace (uml)", "iptables (uml)", "ipvs (uml)"):
+        assert f"data path, {subject}: start kubelab proxy" in out
+
+
+def test_run_steps_skips_the_rest_of_a_failed_group_but_not_always_steps():
+    from kubelab.bench.suites import BenchOptions, Context, LabPool, Step, run_steps
+
+    ran = []
+
+    def boom():
+        raise RuntimeError("no such mode")
+
+    ctx = Context(BenchOptions(), Results(command="x"), LabPool())
+    run_steps(ctx, [Step("a start", 1, boom, "a"), Step("a measure", 1, lambda: ran.append("a measure"), "a"),
+                    Step("a stop", 1, lambda: ran.append("a stop"), "a", always=True),
+                    Step("b measure", 1, lambda: ran.append("b measure"), "b")])
+    assert ran == ["a stop", "b measure"]
+    assert ctx.failed == ["a start: not measured: no such mode"]
+    assert ctx.results.notes == ["a start: not measured: no such mode"]
+
+
+def test_probe_dns_query_is_a_valid_question():
+    import dns.message
+
+    from kubelab.bench.suites import probe
+
+    q = dns.message.from_wire(probe._dns_query(7))
+    assert q.id == 7 and str(q.question[0].name) == "bench.test." and q.question[0].rdtype == 1

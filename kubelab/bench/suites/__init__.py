@@ -84,7 +84,7 @@ class BenchOptions:
             runs=2 if quick else 5,
             seconds=1.0 if quick else 3.0,
             scale_counts=(100, 1000) if quick else (100, 1000, 5000, 10000),
-            changes=3 if quick else 7,
+            changes=2 if quick else 7,
             dns_services=1000 if quick else 2000,
         )
         if suites is not None:

@@ -57,10 +57,6 @@ class _Session:
     def start(self) -> None:
         self.lab.start_proxy(self.subject.mode)
 
-    def stop(self) -> None:
-        if self.subject.kernel in self.ctx.labs.labs:
-            self.lab.stop_proxy()
-
     def measure(self, kind: str, i: int) -> None:
         order = ("proxy", "direct") if i % 2 == 0 else ("direct", "proxy")
         got: dict[str, dict[str, float]] = {}
@@ -117,14 +113,13 @@ def plan(ctx: Context) -> list[Step]:
         sessions.append(s)
         uml = subject.kernel == "uml"
         group = f"datapath:{subject.key}"
-        steps.append(Step(f"data path, {subject}: start kubelab proxy", 15 if uml else 4, s.start, group))
-        per = {"setup": 6 if uml else 2, "short": 2 * opts.seconds + (4 if uml else 1), "bulk": 2 * opts.seconds + (4 if uml else 1),
-               "udp_rate": 2 * opts.seconds + (4 if uml else 1), "udp_p50": 4 if uml else 1}
+        steps.append(Step(f"data path, {subject}: start kubelab proxy", 20 if uml else 9, s.start, group))
+        per = {"setup": 3 if uml else 1, "short": 2 * opts.seconds + (4 if uml else 1), "bulk": 2 * opts.seconds + (5 if uml else 1),
+               "udp_rate": 2 * opts.seconds + (5 if uml else 1), "udp_p50": 3 if uml else 1}
         for i in range(opts.runs):
             for kind in KINDS:
                 steps.append(Step(f"data path, {subject}: {kind.replace('_', ' ')} pair {i + 1}/{opts.runs}", per[kind],
                                   lambda s=s, kind=kind, i=i: s.measure(kind, i), group))
-        steps.append(Step(f"data path, {subject}: stop proxy, --cleanup", 12 if uml else 5, s.stop, group, always=True))
     steps.append(Step("data path: figures", 0, lambda: _report(ctx, sessions), "datapath:report", always=True))
     return steps
 

@@ -101,6 +101,7 @@ class RunningProxy:
     pid: int
     log: str
     started: float
+    args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -238,9 +239,19 @@ class BenchLab:
 
     # -- the proxy under test -------------------------------------------
 
-    def start_proxy(self, mode: str, extra_args: tuple[str, ...] = ()) -> RunningProxy:
-        """Start ``kubelab proxy --proxy-mode MODE`` on node1 and wait until it has synced and serves."""
-        if self.proxy is not None:
+    def start_proxy(self, mode: str, extra_args: tuple[str, ...] = (), fresh: bool = False) -> RunningProxy:
+        """Have ``kubelab proxy --proxy-mode MODE`` running on node1, synced.
+
+        A proxy of another mode is stopped and cleaned up first; one of the
+        same mode (and arguments) keeps running unless ``fresh`` asks for a
+        new process (to measure its first full sync).  Suites leave their
+        proxy running, so consecutive suites on one mode skip a restart.
+        """
+        p = self.proxy
+        if p is not None and not fresh and p.mode == mode and p.args == tuple(extra_args) and self.proxy_alive():
+            self.wait_synced()
+            return p
+        if p is not None:
             self.stop_proxy()
         log = str(self.workdir / f"proxy-{mode}-{time.monotonic_ns()}.log")
         argv = [self.python, "-m", "kubelab", "proxy", "--proxy-mode", mode, "--source", str(self._manifests()),
@@ -250,7 +261,7 @@ class BenchLab:
         out = self.must("node1", ["sh", "-c", script], timeout=30)
         pid = int(out.strip().splitlines()[-1])
         self._started_pids.append(pid)
-        self.proxy = RunningProxy(mode, pid, log, time.time())
+        self.proxy = RunningProxy(mode, pid, log, time.time(), tuple(extra_args))
         self.wait_synced()
         return self.proxy
 

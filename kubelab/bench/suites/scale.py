@@ -68,7 +68,7 @@ class _Scale:
         if self.have.get(subject.kernel) != count:
             raise RuntimeError(f"the {subject.kernel} lab does not hold {count:,} Services (growing it failed)")
         key = (subject.key, count)
-        lab.start_proxy(subject.mode)
+        lab.start_proxy(subject.mode, fresh=True)
         try:
             m = lab.metrics()
             n_full = m.get("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 0)
@@ -89,6 +89,8 @@ class _Scale:
                 self.change_sync.setdefault(key, []).append(self._one_change(lab, subject.kernel))
             self.rss.setdefault(key, []).append(lab.rss_bytes() / 1e6)
         finally:
+            # Stopped (and cleaned up) now: the next count adds Services
+            # with no proxy running, and nothing lingers into the next suite.
             lab.stop_proxy()
 
     def _one_change(self, lab, kernel: str) -> float:
@@ -173,7 +175,7 @@ def plan(ctx: Context) -> list[Step]:
             steps.append(Step(f"scale: {count:,} Services in the {kernel} lab", count * (0.01 if uml else 0.004),
                               lambda k=kernel, c=count: sc.grow(k, c), f"scale:grow:{kernel}"))
             for s in (x for x in subjects if x.kernel == kernel):
-                est = (25 if uml else 10) + count * (0.004 if uml else 0.0015) + opts.runs * (4 if uml else 1)
+                est = (28 if uml else 10) + count * (0.006 if uml else 0.0015) + opts.runs * (4 if uml else 1)
                 steps.append(Step(f"scale: {s} at {count:,} Services (sync, first packets, changes, memory)", est,
                                   lambda s=s, c=count: sc.measure(s, c), f"scale:{s.key}:{count}"))
     steps.append(Step("scale: figures", 0, sc.report, "scale:report", always=True))
