@@ -18,7 +18,8 @@ Inside: proc, sysfs, a tmpfs on ``/run`` (so ``/run/netns`` and
 ``/run/xtables.lock`` are private to the kernel, never the host's) and on
 ``/dev/shm``; ``/run/mroot/lib/modules`` links to ``/usr/lib/uml/modules``
 and modules load with ``modprobe -d /run/mroot`` (the kernel's own
-autoloading too: ``kernel.modprobe`` is a wrapper that adds ``-d``); ``lo`` is up.  Everything
+autoloading finds nothing, so every module a test needs is loaded at boot);
+``lo`` is up.  Everything
 else (``/tmp``, ``/work``, ...) *is* the host's filesystem: write files on
 the host and the kernel sees them.  Use ``iptables-legacy`` inside (the UML
 kernel has no nft NAT modules).
@@ -80,6 +81,13 @@ IPVS_MODULES: tuple[str, ...] = (
     "ip_vs_mh",
 )
 NETFILTER_MODULES: tuple[str, ...] = (
+    # Linux 6.1 asks for "bpfilter" (request_module) on every iptables
+    # get/setsockopt until it is loaded; the kernel's modprobe cannot find
+    # modules here, so each iptables-legacy-restore paid for several failing
+    # modprobe processes: 2-3.6 s instead of 0.1-0.7 s for kube-proxy's
+    # 52-line ruleset.  (Autoloading everything instead is worse: nf_tables
+    # would load and make iptables-nft look usable without its NAT chains.)
+    "bpfilter",
     "nf_conntrack",
     "nf_conntrack_netlink",
     "nf_nat",
@@ -393,15 +401,6 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 mkdir -p /run/mroot/lib /run/netns /run/lock
 ln -s /usr/lib/uml/modules /run/mroot/lib/modules
-# The kernel's own module requests (request_module) run /sbin/modprobe, which
-# looks in /lib/modules and fails here -- a process spawn every time.  6.1
-# asks for "bpfilter" on every iptables get/setsockopt until it is loaded, so
-# each iptables-legacy-restore paid for several failed modprobes (measured
-# 2-3.6 s instead of 0.1-0.7 s for kube-proxy's 52-line ruleset).  Point the
-# kernel at the UML modules, as a real node autoloads them.
-printf '#!/bin/sh\\nexec /sbin/modprobe -d /run/mroot "$@"\\n' >/run/mroot/modprobe
-chmod 755 /run/mroot/modprobe
-echo /run/mroot/modprobe >/proc/sys/kernel/modprobe
 ip link set lo up
 cd {shlex.quote(self.cwd)} || cd /
 {shlex.quote(self.python_exe)} -m kubelab.netlab.uml_agent --workdir {wd} --tty /dev/ttyS0
