@@ -1,0 +1,123 @@
+"""``kubelab bench`` end to end on the host kernel: a small slice of the suites, real labs, real clients.
+
+Runs the CLI as a user would (``python -m kubelab bench --suites
+datapath,control,scale --modes iptables,userspace --runs 1``) and checks
+the outputs are produced and sane -- never how fast anything was.
+
+Addresses, all inside the bench lab's own namespaces (lab ``kb<pid>-host``):
+pod CIDR 10.244.0.0/16 (node1 10.244.0.0/24 with the client pod, node2
+10.244.1.0/24 with the backends and the control-plane endpoints at
+10.244.1.203-250), service CIDR 10.96.0.0/12, underlay 172.18.0.0/24.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kubelab.netlab.testing import leftovers
+
+pytestmark = pytest.mark.timeout(900)
+
+SUBJECTS = ("iptables (host kernel)", "userspace (host kernel)")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubelab", "bench", "--suites", "datapath,control,scale", "--modes", "iptables,userspace",
+         "--runs", "1", "--seconds", "0.5", "--services", "5,20", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=800)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(2)  # SIGINT: the CLI tears its labs down on KeyboardInterrupt
+        stdout, stderr = proc.communicate(timeout=120)
+    lab = f"kb{proc.pid % 100000}-host"
+    return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "out": out, "lab": lab}
+
+
+def test_exit_status_and_progress(bench_run):
+    assert bench_run["rc"] == 0, bench_run["stderr"][-3000:]
+    err = bench_run["stderr"]
+    assert "expected duration about" in err.splitlines()[0]
+    assert "[1/" in err and "done in" in err
+
+
+def test_nothing_of_the_lab_is_left(bench_run):
+    assert leftovers(bench_run["lab"]) == []
+    # No kubelab proxy started by the bench outlives it.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            assert f"/labs/{bench_run['lab']}/" not in cmd, cmd
+
+
+@pytest.fixture(scope="module")
+def doc(bench_run):
+    assert bench_run["rc"] == 0, bench_run["stderr"][-3000:]
+    return json.loads((bench_run["out"] / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "figure",
+    ["connection setup p50 (connect + first answer)", "short connections/s (wrk, Connection: close)",
+     "bulk TCP throughput (iperf3)", "UDP round trips/s (dnsperf, 10 in flight)", "UDP round trip p50 (one in flight)"],
+    ids=["setup", "short", "bulk", "udp-rate", "udp-rtt"],
+)
+@pytest.mark.parametrize("subject", SUBJECTS, ids=["iptables", "userspace"])
+def test_datapath_figure_against_direct(doc, figure, subject):
+    found = [f for f in doc["figures"] if f["suite"] == "data path" and f["name"] == figure and f["subject"] == subject]
+    assert len(found) == 1, [f["name"] for f in doc["figures"]]
+    f = found[0]
+    assert f["peer"] == "direct to pod"
+    assert f["value"]["n"] == 1 and f["value"]["median"] > 0 and f["peer_value"]["median"] > 0
+    assert f["ratio"]["median"] == pytest.approx(f["value"]["median"] / f["peer_value"]["median"])
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=["iptables", "userspace"])
+def test_control_plane_latency_measured(doc, subject):
+    (f,) = [f for f in doc["figures"] if f["suite"] == "control plane" and f["subject"] == subject]
+    assert f["value"]["n"] == 7  # the full run's number of endpoint changes (--quick not given)
+    assert all(s > 0 for s in f["value"]["samples"])
+
+
+@pytest.mark.parametrize(
+    "name,lines",
+    [("first-packet latency (connect p50)", {"iptables (host)", "direct to pod (host)"}),
+     ("first-packet latency, ratio to direct", {"iptables (host)"}),
+     ("full sync time", {"iptables (host)"}),
+     ("sync after one Service changed", {"iptables (host)"}),
+     ("proxy memory (RSS)", {"iptables (host)"})],
+    ids=["first-packet", "first-packet-ratio", "full-sync", "change-sync", "rss"],
+)
+def test_scale_series_have_both_counts(doc, name, lines):
+    (s,) = [s for s in doc["series"] if s["suite"] == "scale" and s["name"] == name]
+    assert s["x"] == [5.0, 20.0]
+    assert set(s["lines"]) == lines  # userspace has no rule walk: not in the scale suite
+    for values in s["lines"].values():
+        assert all(v is not None and v["median"] > 0 for v in values)
+
+
+def test_markdown_and_plots(bench_run, doc):
+    out = bench_run["out"]
+    md = (out / "results.md").read_text()
+    assert md.startswith("Command: `kubelab bench --suites datapath,control,scale")
+    assert "| bulk TCP throughput (iperf3) | iptables (host kernel) |" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == len(doc["series"]) >= 7
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    assert not [n for n in doc["notes"] if "not measured" in n], doc["notes"]
+    assert bench_run["stdout"] == md + "\n" or bench_run["stdout"].startswith(md)
