@@ -665,3 +665,25 @@ def test_partial_syncs_leave_what_a_full_sync_writes(seed):
             assert metrics.value("kubeproxy_sync_proxy_rules_iptables_total", {"table": table}) == kube_rule_count(ipt.tables, table)
         # The KUBE-NODEPORTS jump stays the last rule of KUBE-SERVICES whatever was inserted.
         assert ipt.tables.dump.chain("nat", "KUBE-SERVICES").rules[-1].jump == "KUBE-NODEPORTS"
+
+
+@pytest.mark.parametrize("existing", [None, {"KUBE-SEP-STALESTALESTALE", "KUBE-SVC-XPGD46QRK7WJZT7O"}], ids=["fresh", "stale-chain"])
+def test_streamed_full_sync_equals_kube_proxy_text(existing):
+    """The piped full sync (nat first, per-service blocks) holds the very rules of kube-proxy's text."""
+    p, _, _ = fake_proxier()
+    state = StateBuilder(NODE).add(*overall_objects()).state(full_sync=True)
+    r = p.renderer
+    exact = r.render_full(state.service_map, state.endpoints_map, state.node, existing).text
+    stream = r.stream_full(state.service_map, state.endpoints_map, state.node, existing, batch=3)
+    streamed = "".join(stream)
+    assert sorted(exact.splitlines()) == sorted(streamed.splitlines())
+    a, b = FakeTables(), FakeTables()
+    for tables in (a, b):
+        if existing:
+            tables.restore("*nat\n" + "".join(f":{c} - [0:0]\n" for c in sorted(existing)) + "COMMIT\n")
+    a.restore(exact)
+    b.restore(streamed)
+    assert kube_chains(a) == kube_chains(b)
+    assert b.dump.chain("nat", "KUBE-SERVICES").rules[-1].jump == "KUBE-NODEPORTS"
+    assert stream.result is not None and stream.result.nat_rules_total == count_rules(exact, "nat")
+    assert stream.result.deleted_chains == (["KUBE-SEP-STALESTALESTALE"] if existing else [])

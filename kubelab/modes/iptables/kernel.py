@@ -21,7 +21,7 @@ was 10x+ slower on rulesets this size (see DESIGN.md).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 RunFn = Callable[..., tuple[int, str, str]]
@@ -79,6 +79,24 @@ class IPTables:
         argv = [self._tool("-restore"), "-w", WAIT_SECONDS, "-W", WAIT_INTERVAL_US, "--noflush", "--counters"]
         # No short timeout: a first sync of ~60k chains takes minutes on the nft backend.
         rc, out, err = self.run(argv, input=text, timeout=RESTORE_TIMEOUT)
+        if rc != 0:
+            msg = (err or out).strip() or f"exit status {rc}"
+            m = _LINE.search(msg)
+            raise RestoreError(f"{argv[0]} failed: {msg}", int(m.group(1)) if m else None)
+
+    def restore_stream(self, chunks: Iterable[str]) -> None:
+        """Like :meth:`restore_all`, piping ``chunks`` to the restore as they come (runner with ``stream``).
+
+        With a runner that cannot stream (test fakes) the chunks are joined and
+        handed over as one text.  The failing line number, when there is one,
+        counts lines of the concatenated chunks.
+        """
+        stream = getattr(self.run, "stream", None)
+        if stream is None:
+            self.restore_all("".join(chunks))
+            return
+        argv = [self._tool("-restore"), "-w", WAIT_SECONDS, "-W", WAIT_INTERVAL_US, "--noflush", "--counters"]
+        rc, out, err = stream(argv, chunks, timeout=RESTORE_TIMEOUT)
         if rc != 0:
             msg = (err or out).strip() or f"exit status {rc}"
             m = _LINE.search(msg)

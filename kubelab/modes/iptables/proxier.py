@@ -391,18 +391,27 @@ class IPTablesProxier(Dataplane):
                 existing = {line[1:].split(" ", 1)[0] for line in saved["nat"].split("\n") if line.startswith(":")}
         t2 = time.perf_counter()
 
+        stream = None
         if full:
-            result = self.renderer.render_full(
+            stream = self.renderer.stream_full(
                 state.service_map, state.endpoints_map, state.node, existing, extra=self._jump_lines(saved)
             )
+            result = None
+            text = ""
         else:
             result = self.renderer.render_partial(
                 state.service_map, state.endpoints_map, state.node, state.updated_services, previous.fragments, previous
             )
-        text = result.text
+            text = result.text
         t3 = time.perf_counter()
         try:
-            if text:
+            if stream is not None:
+                # Rendering and the restore overlap: the text is piped as it is produced.
+                self.iptables.restore_stream(stream)
+                result = stream.result
+                if result is None:
+                    raise RestoreError("the full-sync render stopped early (see the log)")
+            elif text:
                 self.iptables.restore_all(text)
         except RestoreError as e:
             self._need_full_sync = True
@@ -411,6 +420,11 @@ class IPTablesProxier(Dataplane):
                 self.metrics.iptables_restore_failures_total.inc()
                 if not full:
                     self.metrics.iptables_partial_restore_failures_total.inc()
+            if stream is not None and e.line:
+                # The streamed text was never kept: render it again (deterministic) for the report.
+                text = "".join(self.renderer.stream_full(
+                    state.service_map, state.endpoints_map, state.node, existing, extra=self._jump_lines(saved)
+                ))
             detail = f"\n{extract_lines(text, e.line)}" if e.line else ""
             self.log.error("%s%s", e, detail)
             raise SyncError(f"{e} (previous rules stay in force; retrying as a full sync)") from e
@@ -418,7 +432,10 @@ class IPTablesProxier(Dataplane):
 
         total_endpoints = result.total_endpoints
         if self._keep_last_text:
-            self.stats.last_restore = text  # what iptables-restore got (with missing jumps and canaries)
+            # What iptables-restore got (with missing jumps and canaries; a full sync's, rendered again).
+            self.stats.last_restore = "".join(self.renderer.stream_full(
+                state.service_map, state.endpoints_map, state.node, existing, extra=self._jump_lines(saved)
+            )) if full else text
             # kube-proxy's rules alone, as tests compare them with upstream's expectations.
             self.stats.last_text = self.renderer.render_full(
                 state.service_map, state.endpoints_map, state.node, existing
@@ -456,7 +473,8 @@ class IPTablesProxier(Dataplane):
         self.stats.timings = {
             "setup": t1 - t0,
             "save": t2 - t1,
-            "render": t3 - t2,
+            # A full sync renders while the restore reads: "restore" then includes the render.
+            "render": (t3 - t2) + (stream.seconds if stream is not None else 0.0),
             "restore": t4 - t3,
             "conntrack": t5 - t4,
         }

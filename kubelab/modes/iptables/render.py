@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -731,6 +732,39 @@ class Renderer:
             _index=index,
         )
 
+    def stream_full(
+        self,
+        service_map: Mapping[ServicePortName, ServicePort],
+        endpoints_map: Mapping[ServicePortName, Sequence[Endpoint]],
+        node: NodeInfo,
+        existing_nat_chains: Iterable[str] | None = None,
+        extra: Mapping[str, Sequence[str]] | None = None,
+        batch: int = 250,
+    ) -> FullStream:
+        """A full sync as chunks of restore text, produced while iptables-restore reads them.
+
+        The same rules as :meth:`render_full`, in an order that needs no
+        look-ahead, so the proxier can pipe each chunk to the restore process
+        as soon as it is rendered (rendering and the restore's parsing overlap
+        on two cores, and the 17 MB text never exists in one piece):
+
+        * ``*nat`` first: fixed rules, then per service (in kube-proxy's sorted
+          order) its chain declarations, its chain rules and its
+          KUBE-SERVICES / KUBE-NODEPORTS rules, then the nodeports jump (last
+          in KUBE-SERVICES, as it must be) and the stale chains (declared --
+          which flushes them -- and deleted); restore accepts chain lines
+          anywhere in a table.
+        * then ``*filter`` (whose per-service rules are collected meanwhile)
+          and ``*mangle``.
+
+        Each table still commits atomically.  The nat table commits before
+        filter (kube-proxy writes filter first); both orders leave a moment
+        where one table is new and the other old, and iptables-restore's
+        atomicity is per table either way.  ``.result`` (fragments, counts) is
+        set once the iterator is exhausted; its ``text`` is empty.
+        """
+        return FullStream(self, service_map, endpoints_map, node, existing_nat_chains, extra or {}, batch)
+
     def render_partial(
         self,
         service_map: Mapping[ServicePortName, ServicePort],
@@ -867,6 +901,118 @@ class Renderer:
             fragments=fragments,
             full_sync=False,
             services_written=written,
+            _index=index,
+        )
+
+
+class FullStream:
+    """Iterator over the chunks of a streamed full sync (see :meth:`Renderer.stream_full`)."""
+
+    def __init__(self, renderer: Renderer, service_map, endpoints_map, node, existing, extra, batch) -> None:
+        self.renderer = renderer
+        self.service_map = service_map
+        self.endpoints_map = endpoints_map
+        self.node = node
+        self.existing = existing
+        self.extra = extra
+        self.batch = batch
+        self.result: RenderResult | None = None
+        self.seconds = 0.0  # time spent rendering (between handing out chunks)
+
+    def __iter__(self):
+        clock = time.perf_counter
+        t0 = clock()
+        for chunk in self._chunks():
+            self.seconds += clock() - t0
+            yield chunk
+            t0 = clock()
+        self.seconds += clock() - t0
+
+    def _chunks(self):
+        r = self.renderer
+        service_map, endpoints_map, node, extra = self.service_map, self.endpoints_map, self.node, self.extra
+        total_endpoints = r.total_endpoints(service_map, endpoints_map)
+        large = total_endpoints > C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+        filter_chains, filter_head, filter_tail, nat_head, nodeports_tail = r._fixed_rules()
+
+        def decls_of(table: str) -> list[str]:
+            return [x for x in extra.get(table, ()) if x.startswith(":")]
+
+        def rules_of(table: str) -> list[str]:
+            return [x for x in extra.get(table, ()) if not x.startswith(":")]
+
+        head = ["*nat", *decls_of("nat")]
+        head.extend(f":{c} - [0:0]" for c in (C.KUBE_SERVICES, C.KUBE_NODEPORTS, C.KUBE_POSTROUTING, C.KUBE_MARK_MASQ))
+        head.extend(nat_head)
+        yield "\n".join(head) + "\n"
+
+        fragments: dict[ServicePortName, ServiceFragment] = {}
+        index: dict[tuple[str, str], list[ServicePortName]] = {}
+        filter_rules: list[str] = []
+        n_top = chain_rule_count = 0
+        no_local_internal = no_local_external = 0
+        empty: tuple[Endpoint, ...] = ()
+        get = endpoints_map.get
+        render_service = r.render_service
+        out: list[str] = []
+        for name in sorted(service_map, key=_name_key):
+            frag = render_service(name, service_map[name], get(name, empty), node, large)
+            if frag is None:
+                continue
+            fragments[name] = frag
+            index.setdefault((name.namespace, name.name), []).append(name)
+            if frag.filter_rules:
+                filter_rules.extend(frag.filter_rules)
+            if frag.chain_decls:
+                out.append(frag.chain_decls)
+                if frag.chain_rules:
+                    out.append(frag.chain_rules)
+                chain_rule_count += frag.chain_rule_count
+            out.extend(frag.nat_top_rules)
+            n_top += len(frag.nat_top_rules)
+            no_local_internal += frag.no_local_internal
+            no_local_external += frag.no_local_external
+            if len(out) >= self.batch:
+                yield "\n".join(out) + "\n"
+                out = []
+
+        deleted: list[str] = []
+        if self.existing is not None:
+            active: set[str] = set()
+            for frag in fragments.values():
+                active.update(frag.nat_chains)
+            deleted = sorted(c for c in set(self.existing) - active if C.is_service_chain_name(c))
+        out.extend(nodeports_tail)
+        out.extend(f":{c} - [0:0]" for c in deleted)
+        out.extend(f"-X {c}" for c in deleted)
+        out.extend(rules_of("nat"))
+        out.append("COMMIT")
+        out.append("*filter")
+        out.extend(decls_of("filter"))
+        out.extend(f":{c} - [0:0]" for c in filter_chains)
+        out.extend(filter_head)
+        out.extend(filter_rules)
+        out.extend(filter_tail)
+        out.extend(rules_of("filter"))
+        out.append("COMMIT")
+        if extra.get("mangle"):
+            out += ["*mangle", *decls_of("mangle"), *rules_of("mangle"), "COMMIT"]
+        yield "\n".join(out) + "\n"
+
+        nat_written = len(nat_head) + n_top + chain_rule_count + len(nodeports_tail)
+        self.result = RenderResult(
+            text="",
+            filter_rules=len(filter_head) + len(filter_rules) + len(filter_tail),
+            nat_rules_written=nat_written,
+            nat_rules_total=nat_written,
+            deleted_chains=deleted,
+            total_endpoints=total_endpoints,
+            large_cluster_mode=large,
+            no_local_internal=no_local_internal,
+            no_local_external=no_local_external,
+            fragments=fragments,
+            full_sync=True,
+            services_written=len(fragments),
             _index=index,
         )
 

@@ -204,6 +204,9 @@ class FakeIPTables:
         except (FakeRestoreError, ParseError) as e:
             raise RestoreError(f"iptables-restore: {e}", getattr(e, "line", None) or None) from e
 
+    def restore_stream(self, chunks) -> None:
+        self.restore_all("".join(chunks))
+
     def save(self, table: str) -> str:
         return self.tables.save(table)
 

@@ -16,11 +16,13 @@ instead of two (``ip netns exec`` costs ~10-20 ms a call, as much as a small
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -120,6 +122,52 @@ class Runner:
             timeout=timeout or self.timeout,
             env={**os.environ, **self.env} if self.env else None,
         )
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], timeout: float | None = None) -> tuple[int, str, str]:
+        """Run ``argv`` feeding it ``chunks`` as they are produced (the producer runs while the tool reads).
+
+        For big inputs that are generated: the tool parses chunk k while
+        Python renders chunk k+1.  If the tool exits early (an error), the
+        rest of the input is dropped and its exit status and output returned.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        env = {**os.environ, **self.env} if self.env else None
+        try:
+            if self.netns and not self.netns_exec:
+                with _InNetns(self.netns):
+                    proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, env=env)
+            else:
+                proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=env)
+        except FileNotFoundError as e:
+            return 127, "", f"{argv[0]}: not found ({e}); install it (see scripts/apt-packages.txt)"
+        # Drain the tool's output meanwhile, so it can never block us by filling a pipe.
+        outs: dict[str, bytes] = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: outs.__setitem__(k, f.read()), daemon=True)
+                   for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+        for t in readers:
+            t.start()
+        try:
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk.encode())
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(argv, timeout or self.timeout)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the tool gave up early; its status says why
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return 124, "", f"{argv[0]}: timed out after {timeout or self.timeout:.0f}s"
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            for t in readers:
+                t.join(5)
+        return proc.returncode, outs.get("out", b"").decode(errors="replace"), outs.get("err", b"").decode(errors="replace")
 
     def check(self, argv: Sequence[str], input: str | None = None) -> str:
         """Run and return stdout; raise :class:`CommandError` on failure."""
