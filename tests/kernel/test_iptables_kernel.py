@@ -306,3 +306,28 @@ def test_cleanup_removes_ours_and_keeps_foreign_rules(topo, backend):
     assert "KUBE-" not in after, after
     assert "-A FOREIGN -s 1.1.1.1/32 -j RETURN" in after
     assert "-A INPUT -s 1.1.1.1/32 -j ACCEPT" in after
+
+
+# (what the command does with its input, expected status, expected in stdout, expected in stderr)
+STREAM_CASES = [
+    pytest.param("wc -l", 0, "3000", "", id="reads-every-chunk"),
+    pytest.param("head -c 10 >/dev/null; echo gave up >&2; exit 3", 3, "", "gave up", id="tool-exits-early"),
+    pytest.param("readlink /proc/self/ns/net; cat >/dev/null", 0, "net:[", "", id="runs-in-the-namespace"),
+]
+
+
+@pytest.mark.parametrize("script,rc,out,err", STREAM_CASES)
+def test_runner_streams_into_a_namespace(topo, script, rc, out, err):
+    """Runner(netns) enters with setns (no `ip netns exec`) and Runner.stream pipes generated input."""
+    host_ns = os.readlink("/proc/self/ns/net")
+    r = Runner(topo["node"])
+    chunks = (f"line {i}\n" * 100 for i in range(30))
+    got_rc, got_out, got_err = r.stream(["sh", "-c", script], chunks, timeout=30)
+    assert (got_rc, out in got_out, err in got_err) == (rc, True, True), (got_rc, got_out, got_err)
+    if "readlink" in script:
+        assert got_out.strip() != host_ns, "the child must run in the node namespace"
+    # This thread is back in the host namespace afterwards.
+    assert os.readlink("/proc/self/ns/net") == host_ns
+    # Plain calls see the namespace's own links (the node has its two veths).
+    links = r(["ip", "-o", "link"])[1]
+    assert "kliptp0" in links and "kliptc0" in links

@@ -33,6 +33,44 @@ def test_endpoint_chain_hash_matches_kube_proxy():
     assert C.endpoint_chain_name("ns1/svc1:p80", "tcp", "10.180.0.1:80") == "KUBE-SEP-SXIVWICOYRO3J4NJ"
 
 
+@pytest.mark.parametrize("text", ["", "a", "ns1/svc1:p80tcp", "ns/" + "x" * 300, "ünïcode/ß:p1udp"], ids=lambda t: f"len{len(t)}")
+def test_chain_hash_is_base32_of_sha256(text):
+    """The table-driven base32 equals the reference encoding (16 chars = the first 80 bits)."""
+    import base64
+    import hashlib
+
+    assert C._hash16(text) == base64.b32encode(hashlib.sha256(text.encode()).digest())[:16].decode()
+
+
+# (restore text applied to tables holding KUBE-SERVICES: [rule a, nodeports jump], expected rules or error)
+NOFLUSH_CASES = [
+    pytest.param("-I KUBE-SERVICES 1 -d 1.1.1.1 -j RETURN", ["-d 1.1.1.1", "-d 9.9.9.9", "KUBE-NODEPORTS"], None, id="insert-top"),
+    pytest.param("-I KUBE-SERVICES 2 -d 1.1.1.1 -j RETURN", ["-d 9.9.9.9", "-d 1.1.1.1", "KUBE-NODEPORTS"], None, id="insert-at"),
+    pytest.param("-A KUBE-SERVICES -d 1.1.1.1 -j RETURN", ["-d 9.9.9.9", "KUBE-NODEPORTS", "-d 1.1.1.1"], None, id="append-undeclared"),
+    pytest.param("-D KUBE-SERVICES -d 9.9.9.9 -j RETURN", ["KUBE-NODEPORTS"], None, id="delete-exact"),
+    pytest.param("-D KUBE-SERVICES -d 8.8.8.8 -j RETURN", None, "no rule", id="delete-missing-fails"),
+    pytest.param(":KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 1.1.1.1 -j RETURN", ["-d 1.1.1.1"], None, id="declare-flushes"),
+    pytest.param("-A KUBE-NOPE -j RETURN", None, "no chain", id="unknown-chain-fails"),
+]
+
+
+@pytest.mark.parametrize("lines,want,error", NOFLUSH_CASES)
+def test_fake_tables_noflush_semantics(lines, want, error):
+    t = FakeTables()
+    t.restore("*nat\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 9.9.9.9 -j RETURN\n"
+              "-A KUBE-SERVICES -j KUBE-NODEPORTS\nCOMMIT\n")
+    before = t.save("nat")
+    text = f"*nat\n{lines}\nCOMMIT\n"
+    if error:
+        with pytest.raises((FakeRestoreError, ParseError), match=error):
+            t.restore(text)
+        assert t.save("nat") == before, "a failed restore changes nothing"
+        return
+    t.restore(text)
+    rules = [r.raw for r in t.dump.chain("nat", "KUBE-SERVICES").rules]
+    assert len(rules) == len(want) and all(w in r for w, r in zip(want, rules)), rules
+
+
 @pytest.mark.parametrize(
     "text,error",
     [
