@@ -23,7 +23,7 @@ encode one IPVS NEW_DEST message against 14 µs here (32x), and importing
 it costs 240 ms on the host and 850 ms in UML; a cold sync of 1,000
 services is ~3,000 IPVS messages, so pyroute2's encoding alone (1.4 s)
 would be slower than the whole ``ipvsadm -R`` peer (1.5 s) that our full
-sync beats at 0.34 (BENCHMARKS.md ``## ipvs``).  pyroute2 stays the test
+sync beats at 0.47 (BENCHMARKS.md ``## ipvs``).  pyroute2 stays the test
 oracle: the unit tests decode our messages with its decoders.  The
 pyroute2 traps this module steps around (found on these machines, see
 DESIGN.md): ``IPVSDest`` defaults to direct routing (fwd_method 3) -- we
