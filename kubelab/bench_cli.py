@@ -144,4 +144,4 @@ def _lab_up_estimate(opts: BenchOptions) -> float:
     if not lab_suites:
         return 0.0
     kernels = {s.kernel for s in opts.subjects}
-    return (6.0 if "host" in kernels else 0.0) + (35.0 if "uml" in kernels else 0.0)
+    return (3.0 if "host" in kernels else 0.0) + (21.0 if "uml" in kernels else 0.0)

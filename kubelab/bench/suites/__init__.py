@@ -200,4 +200,9 @@ class Context:
         """Record that ``what`` could not be measured and why; the run goes on."""
         msg = f"{what}: not measured: {exc}"
         self.failed.append(msg)
-        self.results.notes.append(msg.splitlines()[0] if len(msg) < 400 else msg[:400] + " ...")
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # One lab that cannot come up fails every step that needs it: say it once.
+        if any(n.endswith(f"not measured: {reason}") for n in self.results.notes):
+            return
+        note = f"{what}: not measured: {exc}"
+        self.results.notes.append(note if len(note) < 600 else note[:600] + " ...")

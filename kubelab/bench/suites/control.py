@@ -104,7 +104,7 @@ def plan(ctx: Context) -> list[Step]:
     # Reverse order: the data path suite's last subject is still running.
     for s in reversed(opts.subjects):
         uml = s.kernel == "uml"
-        est = (20 if uml else 9) + opts.changes * (4 if uml else 2.5)
+        est = (12 if uml else 5) + opts.changes * (2 if uml else 1.5)
         steps.append(Step(f"control plane: {s}: {opts.changes} endpoint changes", est, lambda s=s: c.session(s), f"control:{s.key}"))
     steps.append(Step("control plane: figures", 0, lambda: _report(ctx, c), "control:report", always=True))
     return steps

@@ -113,9 +113,10 @@ def plan(ctx: Context) -> list[Step]:
         sessions.append(s)
         uml = subject.kernel == "uml"
         group = f"datapath:{subject.key}"
-        steps.append(Step(f"data path, {subject}: start kubelab proxy", 20 if uml else 9, s.start, group))
-        per = {"setup": 3 if uml else 1, "short": 2 * opts.seconds + (4 if uml else 1), "bulk": 2 * opts.seconds + (5 if uml else 1),
-               "udp_rate": 2 * opts.seconds + (5 if uml else 1), "udp_p50": 3 if uml else 1}
+        # Estimates measured on the 2-core machine (a --quick run, load ~5).
+        steps.append(Step(f"data path, {subject}: start kubelab proxy", 12 if uml else 5, s.start, group))
+        per = {"setup": 2.5 if uml else 0.5, "short": 2 * opts.seconds + (1 if uml else 0), "bulk": 2 * opts.seconds,
+               "udp_rate": 2 * opts.seconds + (1 if uml else 0.5), "udp_p50": 1.5 if uml else 0.5}
         for i in range(opts.runs):
             for kind in KINDS:
                 steps.append(Step(f"data path, {subject}: {kind.replace('_', ' ')} pair {i + 1}/{opts.runs}", per[kind],

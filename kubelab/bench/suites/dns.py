@@ -113,8 +113,8 @@ class _DNS:
 
 def plan(ctx: Context) -> list[Step]:
     d = _DNS(ctx)
-    per = ctx.opts.seconds * (1 + len(d.peers)) + 1
-    steps = [Step(f"dns: start kubelab dns and {', '.join(d.peers) or 'no peer'} on loopback, warm up", 20, d.start, "dns")]
+    per = (ctx.opts.seconds + 3) * (1 + len(d.peers))  # dnsperf waits for stragglers after each run
+    steps = [Step(f"dns: start kubelab dns and {', '.join(d.peers) or 'no peer'} on loopback, warm up", 17, d.start, "dns")]
     for i in range(ctx.opts.runs):
         steps.append(Step(f"dns: round {i + 1}/{ctx.opts.runs}", per, lambda i=i: d.round(i), "dns"))
     steps.append(Step("dns: stop servers, figures", 1, d.stop, "dns", always=True))

@@ -172,10 +172,10 @@ def plan(ctx: Context) -> list[Step]:
     for count in sc.counts:
         for kernel in sorted({s.kernel for s in subjects}):
             uml = kernel == "uml"
-            steps.append(Step(f"scale: {count:,} Services in the {kernel} lab", count * (0.01 if uml else 0.004),
+            steps.append(Step(f"scale: {count:,} Services in the {kernel} lab", count * (0.005 if uml else 0.002),
                               lambda k=kernel, c=count: sc.grow(k, c), f"scale:grow:{kernel}"))
             for s in (x for x in subjects if x.kernel == kernel):
-                est = (28 if uml else 10) + count * (0.006 if uml else 0.0015) + opts.runs * (4 if uml else 1)
+                est = (25 if uml else 8) + count * (0.02 if uml else 0.005) + opts.runs * (2 if uml else 0.5)
                 steps.append(Step(f"scale: {s} at {count:,} Services (sync, first packets, changes, memory)", est,
                                   lambda s=s, c=count: sc.measure(s, c), f"scale:{s.key}:{count}"))
     steps.append(Step("scale: figures", 0, sc.report, "scale:report", always=True))
