@@ -5,6 +5,7 @@ kube-proxy's ``pkg/util/iptables`` reduced to what the iptables mode uses:
 * :meth:`IPTables.restore_all` -- one ``iptables-restore --noflush --counters
   -w 5 -W 100000`` for all tables of a sync.  Atomic per table: on failure
   the kernel keeps the previous rules; the error names the failing line.
+  :meth:`IPTables.restore_stream` pipes generated chunks instead of a text.
 * :meth:`IPTables.save` / :meth:`IPTables.chains` -- ``iptables-save -t T``.
 * ``ensure_chain`` / ``ensure_rule`` / ``delete_rule`` / ``chain_exists`` --
   single ``iptables`` calls for the jump rules from built-in chains, which

@@ -1,21 +1,26 @@
 """The iptables mode: kube-proxy's iptables proxier as a kubelab Dataplane.
 
 One sync = render (``render.py``, pure) + one ``iptables-restore --noflush``
-(``kernel.py``) + housekeeping, exactly as kube-proxy's ``syncProxyRules``:
+(``kernel.py``) + housekeeping, as kube-proxy's ``syncProxyRules``:
 
 * **Full syncs** (first sync, every sync-period, after any failure, after
-  the canary chain vanished) first ensure the jump rules from the built-in
-  chains (PREROUTING/OUTPUT -> KUBE-SERVICES, ...) and rewrite every chain.
-* **Partial syncs** rewrite the top-level chains plus only the KUBE-SVC/SVL/
-  EXT/FW/SEP chains of services that changed; unchanged services reuse the
-  fragments rendered last time, so a partial sync costs Python time
-  proportional to what changed.
-* Stale per-service chains (found with ``iptables-save -t nat``) are flushed
-  and deleted in the same restore; in large-cluster mode (>1000 endpoints)
-  only once per sync-period, as upstream.
-* A failed restore leaves the previous rules in force (restore is atomic),
-  is logged with the failing line, counted, and raised so the controller
-  retries as a full sync.
+  the canary chain vanished) write kube-proxy's complete rules.  One
+  ``iptables-save`` per table tells which jump rules from the built-in
+  chains (PREROUTING/OUTPUT -> KUBE-SERVICES, ...) and canary chains are
+  missing -- they join the same restore -- and which per-service chains
+  exist (stale ones are flushed and deleted; in large-cluster mode, >1000
+  endpoints, only once per sync-period, as upstream).  The text is piped to
+  iptables-restore while it is being rendered (render and restore overlap).
+* **Partial syncs** touch only what changed: the changed services' own
+  KUBE-SVC/SVL/EXT/FW/SEP chains are rewritten, their rules in the shared
+  top-level chains are deleted/added one by one (``-D`` exact text,
+  ``-I KUBE-SERVICES 1`` so the KUBE-NODEPORTS jump stays last), and chains
+  they no longer use are deleted -- known from the previous render, with no
+  ``iptables-save``.  kube-proxy rewrites the top-level chains in full on
+  every sync; at 10k services that is 10k rules per partial sync.
+* A failed restore leaves the previous rules in force (restore is atomic
+  per table), is logged with the failing line, counted, and raised so the
+  controller retries; the proxier's next sync is full whatever it is asked.
 * Afterwards: healthCheckNodePort servers are updated and stale UDP
   conntrack entries deleted.
 

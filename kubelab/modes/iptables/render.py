@@ -4,21 +4,22 @@ This is ``syncProxyRules`` of kube-proxy's iptables proxier
 (``pkg/proxy/iptables/proxier.go``) without the side effects: the same chains,
 the same rules in the same order, the same comments.  It touches no kernel
 and keeps no state between calls except what the caller hands back in
-(:class:`ServiceFragment` caches for partial syncs).
+(the previous :class:`RenderResult` and its :class:`ServiceFragment` per
+service port).
 
-Shape of a sync, as in kube-proxy:
+* :meth:`Renderer.render_full` -- kube-proxy's full output, exactly
+  (``--dry-run`` and the golden tests): ``*filter`` (KUBE-SERVICES,
+  KUBE-EXTERNAL-SERVICES, KUBE-FORWARD, KUBE-NODEPORTS, KUBE-PROXY-FIREWALL,
+  kubelet's KUBE-FIREWALL with localhost NodePorts) then ``*nat``
+  (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-POSTROUTING, KUBE-MARK-MASQ, the
+  per-service KUBE-SVC/SVL/EXT/FW/SEP chains, ``-X`` of stale chains).
+* :meth:`Renderer.stream_full` -- the same rules as chunks in an order that
+  can be piped to iptables-restore while rendering.
+* :meth:`Renderer.render_partial` -- only what changed since the previous
+  result: the changed services' chains, ``-D``/``-I``/``-A`` of their
+  top-level rules, ``-X`` of chains they dropped.
 
-* ``*filter``: KUBE-SERVICES / KUBE-EXTERNAL-SERVICES / KUBE-FORWARD /
-  KUBE-NODEPORTS / KUBE-PROXY-FIREWALL (+ kubelet's KUBE-FIREWALL when
-  localhost NodePorts are on), always rewritten in full;
-* ``*nat``: KUBE-SERVICES / KUBE-NODEPORTS / KUBE-POSTROUTING /
-  KUBE-MARK-MASQ always rewritten in full, then the per-service
-  KUBE-SVC/SVL/EXT/FW/SEP chains -- on a partial sync only for the services
-  that changed -- and ``-X`` for stale per-service chains.
-
-The per-service part is computed by :func:`render_service` into a
-:class:`ServiceFragment`, so the proxier can keep fragments of unchanged
-services between syncs (a partial sync then only renders what changed).
+The per-service part is computed by :meth:`Renderer.render_service`.
 """
 
 from __future__ import annotations
