@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subjects, MODE or KERNEL:MODE (e.g. iptables,uml:ipvs); "
                              "a bare ipvs means uml:ipvs, other bare modes the host kernel")
     parser.add_argument("--runs", type=int, default=None, metavar="N", help="repetitions per figure (default 5, --quick 2)")
-    parser.add_argument("--seconds", type=float, default=None, metavar="S",
-                        help="length of each wrk / iperf3 / dnsperf run (default 3, --quick 1)")
+    parser.add_argument("--seconds", type=int, default=None, metavar="S",
+                        help="length of each wrk / iperf3 / dnsperf run, whole seconds (default 3, --quick 1)")
     parser.add_argument("--services", default=None, metavar="LIST",
                         help="Service counts for the scale suite (default 100,1000,5000,10000; --quick 100,1000)")
     parser.add_argument("--out", default=None, metavar="DIR",

@@ -31,7 +31,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubelab", "bench", "--suites", "datapath,control,scale", "--modes", "iptables,userspace",
-         "--runs", "1", "--seconds", "0.5", "--services", "5,20", "--out", str(out)],
+         "--runs", "1", "--seconds", "1", "--services", "5,20", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -127,7 +127,7 @@ def test_subject_parse_errors_say_the_form(text):
     "argv,problem",
     [(["--suites", "datapath,latency"], "unknown suite 'latency'"), (["--runs", "0"], "--runs must be at least 1"),
      (["--services", "100,lots"], "--services '100,lots'"), (["--modes", "bpf"], "'bpf'"),
-     (["--seconds", "0"], "--seconds must be positive")],
+     (["--seconds", "0"], "--seconds must be a whole number")],
     ids=["suite", "runs", "services", "mode", "seconds"],
 )
 def test_cli_rejects_bad_flags_with_the_flag_named(argv, problem, capsys):

@@ -99,8 +99,8 @@ class BenchOptions:
                 raise ValueError("--runs must be at least 1")
             base.runs = runs
         if seconds is not None:
-            if seconds <= 0:
-                raise ValueError("--seconds must be positive")
+            if seconds < 1 or seconds != int(seconds):
+                raise ValueError("--seconds must be a whole number of seconds, at least 1 (wrk and iperf3 count in seconds)")
             base.seconds = seconds
         if scale_counts is not None:
             if not scale_counts or min(scale_counts) < 1:
