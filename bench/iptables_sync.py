@@ -76,7 +76,7 @@ def build(n: int, e: int):
     return b
 
 
-def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str) -> dict:
+def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fast_load: bool = False) -> dict:
     """Run A in this (fresh) process: full sync, partial syncs, memory; write the full-sync text."""
     import asyncio
     import logging
@@ -93,6 +93,20 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str) -> 
     deps = ModeDeps(config=ProxyConfig(cluster_cidr=("10.0.0.0/8",)), node=state.node,
                     logger=logging.getLogger("bench"), run=Runner(ns, timeout=7200), extra={"iptables_backend": backend})
     p = IPTablesProxier(deps)
+    if fast_load:
+        # Benchmark shortcut for the partial-sync figures only: a table-wide "-Z"
+        # (zero counters) makes iptables-nft fetch every chain at once instead of
+        # building its cache request chain by chain (quadratic: 60k chains take
+        # tens of minutes).  The full-sync time of such a run is not reported.
+        ipt, stream = p.iptables, p.iptables.restore_stream
+
+        def first_with_zero(chunks, _done=[]):  # noqa: B006 - once per process
+            if not _done:
+                _done.append(True)
+                chunks = (c.replace("*nat\n", "*nat\n-Z\n", 1) for c in chunks)
+            return stream(chunks)
+
+        ipt.restore_stream = first_with_zero
     t0 = time.perf_counter()
     asyncio.run(p.sync_proxy_rules(state))
     full = time.perf_counter() - t0
@@ -126,11 +140,11 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str) -> 
             "chains": text.count("\n:")}
 
 
-def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str) -> dict:
+def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str, fast_load: bool = False) -> dict:
     ns = netns(f"{tag}-a")
     try:
-        r = subprocess.run([sys.executable, __file__, "--child", backend, str(n), str(e), str(repeat), ns, text_out],
-                           capture_output=True, text=True, check=True)
+        argv = [sys.executable, __file__, "--child", backend, str(n), str(e), str(repeat), ns, text_out]
+        r = subprocess.run(argv + (["--fast-load"] if fast_load else []), capture_output=True, text=True, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
     finally:
         drop_netns(ns)
@@ -195,7 +209,7 @@ def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         backend, n, e, repeat, ns, out = sys.argv[2:8]
-        print(json.dumps(child(backend, int(n), int(e), int(repeat), ns, out)))
+        print(json.dumps(child(backend, int(n), int(e), int(repeat), ns, out, fast_load="--fast-load" in sys.argv)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10000)
@@ -204,12 +218,27 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7, help="partial syncs after each full sync (default 7)")
     ap.add_argument("--backend", action="append", choices=["nft", "legacy"])
     ap.add_argument("--json", metavar="FILE", help="also write the figures here")
+    ap.add_argument("--partial-only", action="store_true",
+                    help="one kubelab run per backend for the partial-sync and memory figures; its initial load uses "
+                         "a table-wide -Z (see the code) and no full-sync ratio is measured")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root: the benchmark creates network namespaces", file=sys.stderr)
         return 2
     results = []
     for backend in args.backend or ["nft", "legacy"]:
+        if args.partial_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                a = run_a(backend, args.services, args.endpoints, args.repeat, f"kl-ipt-bench-{os.getpid()}",
+                          os.path.join(tmp, "restore.txt"), fast_load=True)
+            renders = [t["render"] for t in a["partial_timings"]]
+            print(f"{backend}: {args.services}x{args.endpoints} ({a['chains']} chains) partial sync "
+                  f"{spread(a['partial'], 1000, '{:.1f}')} ms (n={len(a['partial'])}; its render "
+                  f"{spread(renders, 1000, '{:.1f}')} ms; a one-rule restore alone {spread(a['floor'], 1000, '{:.1f}')} ms); "
+                  f"RSS {a['rss_mb']:.0f} MB, peak {a['hwm_mb']:.0f} MB (objects alone {a['rss_objects_mb']:.0f} MB)",
+                  flush=True)
+            results.append({"backend": backend, "partial_only": True, **a})
+            continue
         r = bench_backend(backend, args.services, args.endpoints, args.pairs, args.repeat)
         results.append(r)
         print(f"{backend}: {args.services}x{args.endpoints} ({r['lines']} lines, {r['chains']} chains), "
