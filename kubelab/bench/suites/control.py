@@ -30,7 +30,7 @@ import time
 from kubelab.bench.report import Figure, Series
 from kubelab.bench.stats import summarize
 from kubelab.bench.suites import Context, Step, Subject
-from kubelab.bench.suites.labkit import NS, _svc, echo_pod
+from kubelab.bench.suites.labkit import NS, echo_pod, service_doc
 
 SUITE = "control plane"
 
@@ -46,7 +46,7 @@ class _Control:
         k = self.serial.get(subject.kernel)
         if k is None:
             k = 0
-            lab.lab.apply([_svc("prog", 9000, 9000), echo_pod("prog-0", app="prog", ip=_ip(0))])
+            lab.lab.apply([service_doc("prog", 9000, 9000), echo_pod("prog-0", app="prog", ip=_ip(0))])
         self.serial[subject.kernel] = k
         lab.start_proxy(subject.mode)
         offset = lab.clock_offset()

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -60,14 +63,16 @@ class BenchError(RuntimeError):
     """A benchmark step failed; the message says which and how to look further."""
 
 
-def _svc(name: str, port: int, target: int, proto: str = "TCP", app: str | None = None) -> dict:
+def service_doc(name: str, port: int, target: int, proto: str = "TCP", app: str | None = None) -> dict:
+    """A ClusterIP Service ``bench/NAME`` with one port, selecting ``app: APP`` (default NAME)."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
             "spec": {"selector": {"app": app or name},
                      "ports": [{"name": "p", "port": port, "targetPort": target, "protocol": proto}]}}
 
 
-def _pod(name: str, node: str, command: list[str] | None = None, ports: list[dict] | None = None,
+def pod_doc(name: str, node: str, command: list[str] | None = None, ports: list[dict] | None = None,
          app: str | None = None) -> dict:
+    """A pod ``bench/NAME`` on ``node``: a real ``command``, or the lab's built-in servers on ``ports``."""
     container: dict = {"name": "c"}
     if command:
         container["command"] = command
@@ -79,7 +84,7 @@ def _pod(name: str, node: str, command: list[str] | None = None, ports: list[dic
 
 def echo_pod(name: str, app: str = "echo", node: str = "node2", ip: str = "") -> dict:
     """A pod running the lab's built-in TCP echo on 9000 (answers ``pod=NAME``); ``ip`` pins its address."""
-    pod = _pod(name, node, ports=[{"name": "echo", "containerPort": 9000}], app=app)
+    pod = pod_doc(name, node, ports=[{"name": "echo", "containerPort": 9000}], app=app)
     if ip:
         pod["status"] = {"podIP": ip}
     return pod
@@ -87,12 +92,12 @@ def echo_pod(name: str, app: str = "echo", node: str = "node2", ip: str = "") ->
 
 def scale_services(count: int, start: int = 0) -> list[dict]:
     """``count`` extra ClusterIP Services ``bench/s<i>`` over the echo pod (a Service selects pods of its own namespace)."""
-    return [_svc(f"s{i}", 9000, 9000, app="echo") for i in range(start, start + count)]
+    return [service_doc(f"s{i}", 9000, 9000, app="echo") for i in range(start, start + count)]
 
 
 def probe_service() -> dict:
     """``bench/zz-probe``, the Service the scale suite connects to: it sorts last in the KUBE-SERVICES walk."""
-    return _svc("zz-probe", 9000, 9000, app="echo")
+    return service_doc("zz-probe", 9000, 9000, app="echo")
 
 
 @dataclass
@@ -123,11 +128,11 @@ class BenchLab:
         self.workdir = Path(tempfile.mkdtemp(prefix="kl-bench-"))
         (self.workdir / "responder.cfg").write_text(RESPONDER_CFG)
         docs = [
-            _svc("web", 80, 8080), _svc("bulk", 5201, 5201), _svc("dns", 53, 53, "UDP"), _svc("echo", 9000, 9000),
-            _pod("client", "node1"),
-            _pod("web", "node2", ["haproxy", "-db", "-f", str(self.workdir / "responder.cfg")]),
-            _pod("bulk", "node2", ["iperf3", "-s", "-p", "5201"]),
-            _pod("dns", "node2", ["dnsmasq", "-k", "-C", "/dev/null", "-p", "53", "--no-resolv", "--no-hosts",
+            service_doc("web", 80, 8080), service_doc("bulk", 5201, 5201), service_doc("dns", 53, 53, "UDP"), service_doc("echo", 9000, 9000),
+            pod_doc("client", "node1"),
+            pod_doc("web", "node2", ["haproxy", "-db", "-f", str(self.workdir / "responder.cfg")]),
+            pod_doc("bulk", "node2", ["iperf3", "-s", "-p", "5201"]),
+            pod_doc("dns", "node2", ["dnsmasq", "-k", "-C", "/dev/null", "-p", "53", "--no-resolv", "--no-hosts",
                                   "--address=/bench.test/10.1.2.3", "--cache-size=0", "--log-facility=/dev/null",
                                   "--pid-file=", "--user=root", "--dns-forward-max=10000"]),
             echo_pod("echo"),
@@ -161,9 +166,6 @@ class BenchLab:
             # Host-kernel proxies were started by us, not by the lab daemon:
             # make sure none outlives the lab (UML ones die with the kernel).
             if self.kernel == "host":
-                import os
-                import signal
-
                 for pid in self._started_pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -171,8 +173,6 @@ class BenchLab:
                 self.lab.down()
                 self.lab = None
             if self.workdir is not None:
-                import shutil
-
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- addresses -------------------------------------------------------
