@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ defaults:
   --quick   subjects {','.join(QUICK_SUBJECTS)}; 2 runs of 1 s; Services 100,1000;
             under 5 minutes on a 2-core machine
   full      subjects {','.join(FULL_SUBJECTS)}; 5 runs of 3 s;
-            Services 100,1000,5000,10000 (about an hour: use --plan to see)
+            Services 100,1000,5000,10000 (about 35 minutes; --plan prints the steps)
 
 examples:
   kubelab bench --quick
@@ -117,19 +118,33 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ctx.progress = Progress(len(steps))
     started = time.monotonic()
+    interrupted = False
+    # SIGTERM ends the run like Ctrl-C: labs (namespaces, UML kernels,
+    # proxies) are torn down and what was measured so far is written.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_steps(ctx, steps)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         labs.close()
-    ctx.progress.finish(f"done in {_dur(time.monotonic() - started)}")
-    results.notes.insert(0, f"run took {_dur(time.monotonic() - started)} (expected about {_dur(expected)})")
+    took = _dur(time.monotonic() - started)
+    ctx.progress.finish(f"interrupted after {took}" if interrupted else f"done in {took}")
+    results.notes.insert(0, f"run {'interrupted after' if interrupted else 'took'} {took} (expected about {_dur(expected)})")
     paths = results.write(out)
     print(paths["results.md"].read_text())
     print(f"kubelab bench: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if interrupted:
+        return 130
     if ctx.failed:
         print("kubelab bench: some figures could not be measured:\n  " + "\n  ".join(ctx.failed), file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _argv_tail() -> list[str]:

@@ -186,3 +186,18 @@ def test_probe_dns_query_is_a_valid_question():
 
     q = dns.message.from_wire(probe._dns_query(7))
     assert q.id == 7 and str(q.question[0].name) == "bench.test." and q.question[0].rdtype == 1
+
+
+def test_run_steps_interrupted_still_runs_always_steps():
+    from kubelab.bench.suites import BenchOptions, Context, LabPool, Step, run_steps
+
+    ran = []
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    ctx = Context(BenchOptions(), Results(command="x"), LabPool())
+    with pytest.raises(KeyboardInterrupt):
+        run_steps(ctx, [Step("measure", 1, interrupt, "a"), Step("more", 1, lambda: ran.append("more"), "a"),
+                        Step("stop servers", 1, lambda: ran.append("stop"), "a", always=True)])
+    assert ran == ["stop"]

@@ -129,7 +129,7 @@ class Step:
 def run_steps(ctx: Context, steps: list[Step]) -> None:
     """Run steps in order, announcing each; a failure is recorded and skips the rest of its group."""
     failed_groups: set[str] = set()
-    for step in steps:
+    for i, step in enumerate(steps):
         if ctx.progress is not None:
             ctx.progress.step(step.what)
         if step.group in failed_groups and not step.always:
@@ -137,6 +137,11 @@ def run_steps(ctx: Context, steps: list[Step]) -> None:
         try:
             step.fn()
         except KeyboardInterrupt:
+            # Interrupted: still stop servers and keep the figures measured so far.
+            for later in steps[i + 1:]:
+                if later.always:
+                    with contextlib.suppress(Exception):
+                        later.fn()
             raise
         except Exception as exc:  # noqa: BLE001 - one subject failing must not lose the others' figures
             failed_groups.add(step.group)

@@ -71,7 +71,7 @@ def service_doc(name: str, port: int, target: int, proto: str = "TCP", app: str 
 
 
 def pod_doc(name: str, node: str, command: list[str] | None = None, ports: list[dict] | None = None,
-         app: str | None = None) -> dict:
+            app: str | None = None) -> dict:
     """A pod ``bench/NAME`` on ``node``: a real ``command``, or the lab's built-in servers on ``ports``."""
     container: dict = {"name": "c"}
     if command:
