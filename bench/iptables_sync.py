@@ -16,7 +16,9 @@ For N services x E endpoints (default 10,000 x 5) and each backend (nft, legacy)
   carries the jump rules and canary chains, which B's lacks.)
 
 Reported per backend: medians over the pairs with their spread (min-max),
-the per-pair ratio A/B (target <= 1.25), the partial-sync median and
+the per-pair ratio A/B (target <= 1.25) of wall time and of CPU time (user +
+system of the process and its children: far less sensitive to a shared,
+loaded machine than wall time), the partial-sync median and
 spread over all repeats (target < 50 ms on nft) next to its render time and
 the floor -- one ``iptables-restore`` adding a single rule in the same
 namespace, which no partial sync can beat -- and RSS (target < 150 MB).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,6 +59,11 @@ def proc_status_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
 
 
 def build(n: int, e: int):
@@ -107,9 +115,11 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fas
             return stream(chunks)
 
         ipt.restore_stream = first_with_zero
+    c0 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     asyncio.run(p.sync_proxy_rules(state))
     full = time.perf_counter() - t0
+    full_cpu = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) - c0
     timings = dict(p.stats.timings)
     partial, partial_timings = [], []
     for r in range(repeat):
@@ -135,7 +145,7 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fas
     text = p.render(state)
     with open(text_out, "w") as f:
         f.write(text)
-    return {"full": full, "timings": timings, "partial": partial, "partial_timings": partial_timings, "floor": floor,
+    return {"full": full, "full_cpu": full_cpu, "timings": timings, "partial": partial, "partial_timings": partial_timings, "floor": floor,
             "rss_mb": rss, "hwm_mb": hwm, "rss_objects_mb": rss_objects, "lines": text.count("\n"),
             "chains": text.count("\n:")}
 
@@ -150,7 +160,7 @@ def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str, fa
         drop_netns(ns)
 
 
-def run_b(backend: str, tag: str, text_path: str) -> float:
+def run_b(backend: str, tag: str, text_path: str) -> tuple[float, float]:
     from kubelab.proxy.kernel.exec import _InNetns
 
     ns = netns(f"{tag}-b")
@@ -158,9 +168,10 @@ def run_b(backend: str, tag: str, text_path: str) -> float:
         with open(text_path) as f:
             # Entered the way A's Runner enters its namespace (setns, no `ip netns exec`).
             with _InNetns(ns):
+                c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
                 subprocess.run([f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"], stdin=f, check=True)
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0
     finally:
         drop_netns(ns)
 
@@ -171,7 +182,7 @@ def spread(xs: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
 
 def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict:
     tag = f"kl-ipt-bench-{os.getpid()}"
-    a_runs, b_runs, ratios = [], [], []
+    a_runs, b_runs, ratios, b_cpu, cpu_ratios = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         text = os.path.join(tmp, "restore.txt")
         for k in range(pairs):
@@ -182,12 +193,15 @@ def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict
                 # B first needs the text: the previous pair's (the input is deterministic).
                 b = run_b(backend, tag, text)
                 a = run_a(backend, n, e, repeat, tag, text)
+            b, bc = b
             a_runs.append(a)
             b_runs.append(b)
+            b_cpu.append(bc)
             ratios.append(a["full"] / b)
+            cpu_ratios.append(a["full_cpu"] / bc)
             print(f"  {backend} pair {k + 1}: kubelab {a['full']:.2f}s "
                   f"({', '.join(f'{key} {v:.2f}' for key, v in a['timings'].items())}) vs restore alone {b:.2f}s "
-                  f"-> {a['full'] / b:.2f}; partial {', '.join(f'{x * 1000:.0f}' for x in a['partial'])} ms "
+                  f"-> {a['full'] / b:.2f}; CPU {a['full_cpu']:.2f}s vs {bc:.2f}s -> {a['full_cpu'] / bc:.2f}; partial {', '.join(f'{x * 1000:.0f}' for x in a['partial'])} ms "
                   f"(render {', '.join(str(round(t['render'] * 1000)) for t in a['partial_timings'])}; one-rule restore "
                   f"{', '.join(f'{x * 1000:.0f}' for x in a['floor'])} ms); "
                   f"RSS {a['rss_mb']:.0f} MB (peak {a['hwm_mb']:.0f}, objects alone {a['rss_objects_mb']:.0f})",
@@ -197,6 +211,7 @@ def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict
         "backend": backend, "services": n, "endpoints": e, "pairs": pairs,
         "lines": a_runs[0]["lines"], "chains": a_runs[0]["chains"],
         "full": [a["full"] for a in a_runs], "alone": b_runs, "ratio": ratios,
+        "full_cpu": [a["full_cpu"] for a in a_runs], "alone_cpu": b_cpu, "cpu_ratio": cpu_ratios,
         "render": [a["timings"]["render"] for a in a_runs],
         "partial": partial,
         "partial_render": [t["render"] for a in a_runs for t in a["partial_timings"]],
@@ -244,7 +259,8 @@ def main() -> int:
         print(f"{backend}: {args.services}x{args.endpoints} ({r['lines']} lines, {r['chains']} chains), "
               f"median (min-max) of {args.pairs} ABAB pairs: kubelab full sync {spread(r['full'])} s "
               f"[render {spread(r['render'])} s] vs iptables-restore alone {spread(r['alone'])} s -> "
-              f"ratio {spread(r['ratio'])}; partial sync {spread(r['partial'], 1000, '{:.1f}')} ms "
+              f"ratio {spread(r['ratio'])}; CPU seconds {spread(r['full_cpu'])} vs {spread(r['alone_cpu'])} -> "
+              f"ratio {spread(r['cpu_ratio'])}; partial sync {spread(r['partial'], 1000, '{:.1f}')} ms "
               f"(n={len(r['partial'])}; its render {spread(r['partial_render'], 1000, '{:.1f}')} ms; a one-rule restore "
               f"alone {spread(r['floor'], 1000, '{:.1f}')} ms); RSS {spread(r['rss_mb'], fmt='{:.0f}')} MB, "
               f"peak {spread(r['hwm_mb'], fmt='{:.0f}')} MB (objects alone {spread(r['rss_objects_mb'], fmt='{:.0f}')} MB)",
