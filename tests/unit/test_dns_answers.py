@@ -216,6 +216,13 @@ CASES = [
     ("ptr-in-zone-name-nodata", "svc1.testns.svc.cluster.local.", "PTR", "NOERROR", [], [SOA], []),
     ("case-insensitive", "SVC1.TestNS.Svc.Cluster.Local.", "A", "NOERROR", ["SVC1.TestNS.Svc.Cluster.Local. 5 IN A 10.0.0.1"], [], []),
     ("pods-disabled-nxdomain", "10-240-0-1.podns.pod.cluster.local.", "A", "NXDOMAIN", [], [SOA], []),
+    # Wildcards ("*" or "any" for a label) were removed from CoreDNS's kubernetes
+    # plugin in 1.9.0 (coredns/coredns#5019): they are plain labels that match nothing.
+    ("wildcard-service-nxdomain", "*.testns.svc.cluster.local.", "A", "NXDOMAIN", [], [SOA], []),
+    ("wildcard-any-service-nxdomain", "any.testns.svc.cluster.local.", "A", "NXDOMAIN", [], [SOA], []),
+    ("wildcard-namespace-nxdomain", "svc1.*.svc.cluster.local.", "A", "NXDOMAIN", [], [SOA], []),
+    ("wildcard-endpoint-nxdomain", "*.hdls1.testns.svc.cluster.local.", "A", "NXDOMAIN", [], [SOA], []),
+    ("wildcard-srv-port-nxdomain", "_*._tcp.svc1.testns.svc.cluster.local.", "SRV", "NXDOMAIN", [], [SOA], []),
 ]
 
 
@@ -311,3 +318,51 @@ def test_changes_replace_prebuilt_answers():
 def test_axfr_refused():
     m, _ = ask(make(), "cluster.local.", "AXFR")
     assert m.rcode() == dns.rcode.REFUSED
+
+
+def _headless_with_pods(publish_not_ready: bool) -> ClusterDNS:
+    """A headless Service whose slices come from the lab's endpoints controller (kube-controller-manager's rules)."""
+    from kubelab.model import ObjectMeta, Pod, Service, ServicePortSpec
+    from kubelab.netlab.endpoints import service_endpoint_slices
+
+    svc_ = Service(
+        meta=ObjectMeta(name="db", namespace="testns"),
+        cluster_ips=("None",),
+        ports=(ServicePortSpec(port=5432, name="pg"),),
+        selector={"app": "db"},
+        publish_not_ready_addresses=publish_not_ready,
+    )
+    pods = [
+        Pod(meta=ObjectMeta(name="db-0", namespace="testns", labels={"app": "db"}), hostname="db-0", subdomain="db", pod_ips=("10.240.1.1",)),
+        Pod(meta=ObjectMeta(name="db-1", namespace="testns", labels={"app": "db"}), hostname="db-1", subdomain="db", pod_ips=("10.240.1.2",), ready=False),
+        Pod(meta=ObjectMeta(name="db-x", namespace="testns", labels={"app": "db"}), pod_ips=("10.240.1.3",)),  # no hostname: the dashed-IP name
+    ]
+    d = ClusterDNS(DNSConfig(settings=Settings()), logging.getLogger("test"))
+    d.on_service_add(svc_)
+    for sl in service_endpoint_slices(svc_, pods, {}):
+        d.on_endpoint_slice_add(sl)
+    d.on_services_synced()
+    d.on_endpoint_slices_synced()
+    d.index.modified = SERIAL
+    return d
+
+
+@pytest.mark.parametrize("publish_not_ready", [False, True], ids=["ready-only", "publishNotReadyAddresses"])
+def test_headless_ready_endpoints_unless_publish_not_ready(publish_not_ready):
+    d = _headless_with_pods(publish_not_ready)
+    ips = ["10.240.1.1", "10.240.1.3"] + (["10.240.1.2"] if publish_not_ready else [])
+    _, lines = ask(d, "db.testns.svc.cluster.local.", "A")
+    assert sorted(lines["answer"]) == sorted(f"db.testns.svc.cluster.local. 5 IN A {ip}" for ip in ips)
+    _, lines = ask(d, "_pg._tcp.db.testns.svc.cluster.local.", "SRV")
+    names = ["db-0", "10-240-1-3"] + (["db-1"] if publish_not_ready else [])
+    w = 100 // len(names)
+    assert sorted(lines["answer"]) == sorted(f"_pg._tcp.db.testns.svc.cluster.local. 5 IN SRV 0 {w} 5432 {n}.db.testns.svc.cluster.local." for n in names)
+    m, lines = ask(d, "db-1.db.testns.svc.cluster.local.", "A")
+    if publish_not_ready:
+        assert lines["answer"] == ["db-1.db.testns.svc.cluster.local. 5 IN A 10.240.1.2"]
+    else:
+        assert dns.rcode.to_text(m.rcode()) == "NXDOMAIN" and lines["authority"] == [SOA]
+    _, lines = ask(d, "1.1.240.10.in-addr.arpa.", "PTR")
+    assert lines["answer"] == ["1.1.240.10.in-addr.arpa. 5 IN PTR db-0.db.testns.svc.cluster.local."]
+    _, lines = ask(d, "3.1.240.10.in-addr.arpa.", "PTR")
+    assert lines["answer"] == ["3.1.240.10.in-addr.arpa. 5 IN PTR 10-240-1-3.db.testns.svc.cluster.local."]

@@ -83,6 +83,20 @@ CASES = [
     ("SOA", ["cluster.local", "SOA"], "NOERROR", None),
     ("headless-A", ["hdls1.testns.svc.cluster.local", "A"], "NOERROR", [f"hdls1.testns.svc.cluster.local. 5 IN A 172.0.0.{i}" for i in (2, 3, 4, 5)]),
     ("endpoint-A", ["dup-name.hdls1.testns.svc.cluster.local"], "NOERROR", ["dup-name.hdls1.testns.svc.cluster.local. 5 IN A 172.0.0.4", "dup-name.hdls1.testns.svc.cluster.local. 5 IN A 172.0.0.5"]),
+    (
+        "SRV-headless-per-endpoint",
+        ["_http._tcp.hdls1.testns.svc.cluster.local", "SRV"],
+        "NOERROR",
+        [
+            f"_http._tcp.hdls1.testns.svc.cluster.local. 5 IN SRV 0 16 80 {h}.hdls1.testns.svc.cluster.local."
+            for h in ("172-0-0-2", "172-0-0-3", "dup-name", "5678-abcd--1", "5678-abcd--2")
+        ],
+    ),
+    ("AAAA-endpoint-dashed-v6", ["5678-abcd--1.hdls1.testns.svc.cluster.local", "AAAA"], "NOERROR", ["5678-abcd--1.hdls1.testns.svc.cluster.local. 5 IN AAAA 5678:abcd::1"]),
+    ("PTR-headless-endpoint", ["-x", "172.0.0.2"], "NOERROR", ["2.0.0.172.in-addr.arpa. 5 IN PTR 172-0-0-2.hdls1.testns.svc.cluster.local."]),
+    ("PTR-endpoint-hostname", ["-x", "172.0.0.4"], "NOERROR", ["4.0.0.172.in-addr.arpa. 5 IN PTR dup-name.hdls1.testns.svc.cluster.local."]),
+    ("wildcard-nxdomain", ["*.testns.svc.cluster.local", "A"], "NXDOMAIN", []),
+    ("MX-nodata", ["svc1.testns.svc.cluster.local", "MX"], "NOERROR", []),
     ("pod-insecure", ["1-2-3-4.testns.pod.cluster.local"], "NOERROR", ["1-2-3-4.testns.pod.cluster.local. 5 IN A 1.2.3.4"]),
     ("nxdomain", ["nope.testns.svc.cluster.local"], "NXDOMAIN", []),
     ("nodata", ["svc1.testns.svc.cluster.local", "AAAA"], "NOERROR", []),
