@@ -55,16 +55,35 @@ def split_host_port(address: str, what: str = "address") -> tuple[str, int]:
     return host or "0.0.0.0", number
 
 
-def go_time(ts: float) -> str:
+# Go's zero time.Time, which kube-proxy prints for lastUpdated before its first sync.
+GO_ZERO_TIME = "0001-01-01 00:00:00 +0000 UTC"
+# Where this process's monotonic clock starts: Go prints time.Now()'s monotonic
+# reading as "m=+<seconds since the process started>".
+PROCESS_START_MONOTONIC = time.monotonic()
+
+
+def process_monotonic() -> float:
+    """Seconds since this process started (monotonic), as Go's ``m=+...`` suffix counts them."""
+    return time.monotonic() - PROCESS_START_MONOTONIC
+
+
+def go_time(ts: float, mono: float | None = None) -> str:
     """A Unix time printed as Go's ``time.Time.String()`` in UTC (kube-proxy's JSON uses it).
 
-    e.g. ``2024-05-01 12:00:00.123456789 +0000 UTC``: fractional seconds with
-    trailing zeros removed, no fraction at all for whole seconds.
+    e.g. ``2024-05-01 12:00:00.123456789 +0000 UTC m=+202.631797660``:
+    fractional seconds with trailing zeros removed, no fraction at all for
+    whole seconds; ``mono`` (seconds since process start) adds the monotonic
+    reading Go appends to every ``time.Now()``.  ``ts <= 0`` is Go's zero time.
     """
+    if ts <= 0:
+        return GO_ZERO_TIME
     dt = datetime.fromtimestamp(ts, tz=timezone.utc)
     frac = f"{dt.microsecond:06d}".rstrip("0")
     base = dt.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{base}.{frac} +0000 UTC" if frac else f"{base} +0000 UTC"
+    text = f"{base}.{frac} +0000 UTC" if frac else f"{base} +0000 UTC"
+    if mono is not None:
+        text += f" m={'-' if mono < 0 else '+'}{abs(mono):.9f}"
+    return text
 
 
 async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -92,12 +111,16 @@ class ProxierHealthServer:
         health_timeout: float,
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = process_monotonic,
     ) -> None:
         self.bind_address = bind_address
         self.health_timeout = health_timeout
         self.metrics = metrics
         self.clock = clock
-        self.last_updated = 0.0
+        # Seconds since process start, for the "m=+..." Go prints; None leaves it out.
+        self.monotonic = monotonic
+        self.last_updated = 0.0  # 0 = never: printed as Go's zero time
+        self.last_updated_mono: float | None = None
         self.oldest_pending_queued = 0.0  # 0 = nothing pending
         self.node_eligible = True  # until a Node event says otherwise
         self.port = 0  # the bound port once started
@@ -114,6 +137,7 @@ class ProxierHealthServer:
         """A sync succeeded: nothing is pending any more."""
         self.oldest_pending_queued = 0.0
         self.last_updated = self.clock()
+        self.last_updated_mono = self._mono()
 
     def sync_node(self, node: Any) -> None:
         """This node's Node object: being deleted or tainted for deletion makes /healthz fail."""
@@ -124,6 +148,19 @@ class ProxierHealthServer:
 
     def is_healthy(self) -> bool:
         return self._health()[0]
+
+    def _mono(self) -> float | None:
+        return self.monotonic() if self.monotonic is not None else None
+
+    def _times(self, healthy: bool, last: float, now: float) -> tuple[str, str]:
+        """lastUpdated and currentTime as kube-proxy prints them."""
+        now_mono = self._mono()
+        current = go_time(now, now_mono)
+        # kube-proxy reports lastUpdated = now while healthy, for compatibility
+        # with releases where it meant "the sync loop ran recently".
+        if healthy:
+            return current, current
+        return go_time(last, self.last_updated_mono if last > 0 else None), current
 
     def _health(self) -> tuple[bool, float, float]:
         now = self.clock()
@@ -149,19 +186,15 @@ class ProxierHealthServer:
     async def handle_healthz(self, request: web.Request) -> web.Response:
         healthy, last, now = self._health()
         healthy = healthy and self.node_eligible
-        # kube-proxy reports lastUpdated = now while healthy, for compatibility
-        # with releases where it meant "the sync loop ran recently".
-        if healthy:
-            last = now
+        last_text, now_text = self._times(healthy, last, now)
         eligible = "true" if self.node_eligible else "false"
-        body = f'{{"lastUpdated": {json.dumps(go_time(last))},"currentTime": {json.dumps(go_time(now))}, "nodeEligible": {eligible}}}'
+        body = f'{{"lastUpdated": {json.dumps(last_text)},"currentTime": {json.dumps(now_text)}, "nodeEligible": {eligible}}}'
         return self._respond(healthy, body, self.metrics and self.metrics.proxy_healthz_total)
 
     async def handle_livez(self, request: web.Request) -> web.Response:
         healthy, last, now = self._health()
-        if healthy:
-            last = now
-        body = f'{{"lastUpdated": {json.dumps(go_time(last))},"currentTime": {json.dumps(go_time(now))}}}'
+        last_text, now_text = self._times(healthy, last, now)
+        body = f'{{"lastUpdated": {json.dumps(last_text)},"currentTime": {json.dumps(now_text)}}}'
         return self._respond(healthy, body, self.metrics and self.metrics.proxy_livez_total)
 
     def app(self) -> web.Application:

@@ -63,18 +63,29 @@ def test_split_host_port_errors(addr, msg):
 
 @pytest.mark.parametrize(
     "ts,text",
-    [(1700000000.0, "2023-11-14 22:13:20 +0000 UTC"), (1700000000.25, "2023-11-14 22:13:20.25 +0000 UTC")],
-    ids=["whole", "fraction"],
+    [((1700000000.0,), "2023-11-14 22:13:20 +0000 UTC"), ((1700000000.25,), "2023-11-14 22:13:20.25 +0000 UTC"),
+     # what kube-proxy's /healthz shows (cilium/cilium#11733): Go appends time.Now()'s monotonic reading
+     ((1591228793.688063, 202.63179766), "2020-06-03 23:59:53.688063 +0000 UTC m=+202.631797660"),
+     ((1700000000.0, 0.5), "2023-11-14 22:13:20 +0000 UTC m=+0.500000000"),
+     ((0.0,), "0001-01-01 00:00:00 +0000 UTC"), ((0.0, 5.0), "0001-01-01 00:00:00 +0000 UTC")],
+    ids=["whole", "fraction", "monotonic", "monotonic-whole", "zero-time", "zero-time-no-monotonic"],
 )
 def test_go_time(ts, text):
-    assert go_time(ts) == text
+    assert go_time(*ts) == text
 
 
 @arun
 async def test_proxier_health_rule_and_body():
     now = [1700000000.0]
+    mono = [2.5]
+
+    def tick(seconds):
+        now[0] += seconds
+        mono[0] += seconds
+
     m = ProxyMetrics()
-    hs = ProxierHealthServer("127.0.0.1:0", health_timeout=60.0, metrics=m, clock=lambda: now[0])
+    hs = ProxierHealthServer("127.0.0.1:0", health_timeout=60.0, metrics=m, clock=lambda: now[0],
+                             monotonic=lambda: mono[0])
     await hs.start()
     base = f"http://127.0.0.1:{hs.port}"
     try:
@@ -82,20 +93,27 @@ async def test_proxier_health_rule_and_body():
         status, headers, body = await get(base + "/healthz")
         assert status == 200
         assert headers["Content-Type"].startswith("application/json") and headers["X-Content-Type-Options"] == "nosniff"
-        assert json.loads(body) == {
-            "lastUpdated": "2023-11-14 22:13:20 +0000 UTC",
-            "currentTime": "2023-11-14 22:13:20 +0000 UTC",
-            "nodeEligible": True,
-        }
+        # byte for byte kube-proxy's Fprintf format (its odd spacing included)
+        assert body == ('{"lastUpdated": "2023-11-14 22:13:20 +0000 UTC m=+2.500000000",'
+                        '"currentTime": "2023-11-14 22:13:20 +0000 UTC m=+2.500000000", "nodeEligible": true}')
+        # Queued but never synced, and late: lastUpdated is Go's zero time.
+        hs.queued_update()
+        tick(60.0)
+        status, _, body = await get(base + "/livez")
+        assert status == 503 and json.loads(body) == {
+            "lastUpdated": "0001-01-01 00:00:00 +0000 UTC", "currentTime": "2023-11-14 22:14:20 +0000 UTC m=+62.500000000"}
+        now[0], mono[0] = 1700000000.0, 2.5
         hs.updated()
         hs.queued_update()
-        now[0] += 59.0
+        tick(59.0)
         assert (await get(base + "/healthz"))[0] == 200
         hs.queued_update()  # does not move the oldest pending time
-        now[0] += 1.0
+        tick(1.0)
         status, _, body = await get(base + "/healthz")
         assert status == 503
-        assert json.loads(body)["lastUpdated"] == "2023-11-14 22:13:20 +0000 UTC"
+        assert json.loads(body) == {"lastUpdated": "2023-11-14 22:13:20 +0000 UTC m=+2.500000000",
+                                    "currentTime": "2023-11-14 22:14:20 +0000 UTC m=+62.500000000",
+                                    "nodeEligible": True}
         status, _, body = await get(base + "/livez")
         assert status == 503 and set(json.loads(body)) == {"lastUpdated", "currentTime"}
         hs.updated()
@@ -107,7 +125,7 @@ async def test_proxier_health_rule_and_body():
         assert (await get(base + "/livez"))[0] == 200
         assert m.value("kubeproxy_proxy_healthz_total", {"code": "503"}) == 2
         assert m.value("kubeproxy_proxy_healthz_total", {"code": "200"}) == 2
-        assert m.value("kubeproxy_proxy_livez_total", {"code": "503"}) == 1
+        assert m.value("kubeproxy_proxy_livez_total", {"code": "503"}) == 2
     finally:
         await hs.stop()
 

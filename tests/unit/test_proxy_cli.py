@@ -270,7 +270,10 @@ def test_watch_edit_metrics_healthz(manifests):
         code, body = curl(f"http://127.0.0.1:{hport}/healthz")
         health = json.loads(body)
         assert code == 200 and set(health) == {"lastUpdated", "currentTime", "nodeEligible"}
-        assert health["nodeEligible"] is True and health["currentTime"].endswith("+0000 UTC")
+        # Go's time.Time.String() of time.Now(), monotonic reading included, as kube-proxy prints it
+        go_now = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \+0000 UTC m=\+\d+\.\d{9}"
+        assert health["nodeEligible"] is True and re.fullmatch(go_now, health["currentTime"]), body
+        assert health["lastUpdated"] == health["currentTime"]  # kube-proxy: "now" while healthy
         assert curl(f"http://127.0.0.1:{hport}/livez")[0] == 200
         assert curl(f"http://127.0.0.1:{mport}/healthz") == (200, "ok")
         assert curl(f"http://127.0.0.1:{mport}/proxyMode") == (200, "iptables")
@@ -282,19 +285,31 @@ def test_watch_edit_metrics_healthz(manifests):
 def test_broken_files_keep_last_good(manifests):
     proxy = Proxy("--source", str(manifests), "--dry-run", "--watch", *MODE, "--min-sync-period", "100ms",
                   "--metrics-bind-address", "", "--healthz-bind-address", "")
+    web_rule = "SVC default/web:http 172.30.0.10:80/TCP -> 10.244.1.5:8080 10.244.2.7:8080"
     try:
         proxy.wait_for_render(lambda r: any("default/web:http" in line for line in r), "the web service")
         # An invalid object next to good ones: named by file, line, object and field; others still served.
         (manifests / "db.yaml").write_text(DB.replace("port: 5432\n    protocol: TCP\n    targetPort",
                                                       "port: 70000\n    protocol: TCP\n    targetPort", 1))
         line = proxy.wait_for_log("Service default/db")
-        assert "db.yaml" in line and "spec.ports[0].port" in line and "70000" in line
+        assert "db.yaml:1: " in line and "spec.ports[0].port" in line and "70000" in line and "(line 11)" in line
+        # A served object edited into an invalid one (new port, bad affinity): its last good version stays.
+        (manifests / "web.yaml").write_text(
+            SERVICE.replace("port: 80\n", "port: 81\n").replace("sessionAffinity: None", "sessionAffinity: Sticky")
+            + "---\n" + SLICE)
+        line = proxy.wait_for_log("Service default/web")
+        assert "web.yaml:1: " in line and "spec.sessionAffinity" in line and "Sticky" in line
+        (manifests / "extra.yaml").write_text(DB.replace("db", "db2").replace("172.30.0.20", "172.30.0.21"))
+        render = proxy.wait_for_render(lambda r: any("default/db2:pg" in x for x in r), "db2 after the invalid edits")
+        assert web_rule in render and not any(":81/TCP" in x for x in render)
+        assert not any("default/db:pg" in x for x in render)
         # Break the web file's YAML: its objects stay as they were (last good), nothing is deleted.
         (manifests / "web.yaml").write_text(SERVICE + "---\nkind: [\n")
-        line = proxy.wait_for_log("web.yaml")
-        (manifests / "extra.yaml").write_text(DB.replace("db", "db2").replace("172.30.0.20", "172.30.0.21"))
-        render = proxy.wait_for_render(lambda r: any("default/db2:pg" in x for x in r), "db2 after the broken edits")
-        assert "SVC default/web:http 172.30.0.10:80/TCP -> 10.244.1.5:8080 10.244.2.7:8080" in render
+        line = proxy.wait_for_log("cannot parse")
+        assert "web.yaml:" in line
+        (manifests / "extra2.yaml").write_text(DB.replace("db", "db3").replace("172.30.0.20", "172.30.0.22"))
+        render = proxy.wait_for_render(lambda r: any("default/db3:pg" in x for x in r), "db3 after the broken YAML")
+        assert web_rule in render and any("default/db2:pg" in x for x in render)
         assert not any("default/db:pg" in x for x in render)
         assert proxy.proc.poll() is None
     finally:
