@@ -154,8 +154,15 @@ def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str, fa
     ns = netns(f"{tag}-a")
     try:
         argv = [sys.executable, __file__, "--child", backend, str(n), str(e), str(repeat), ns, text_out]
-        r = subprocess.run(argv + (["--fast-load"] if fast_load else []), capture_output=True, text=True, check=True)
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        for attempt in (1, 2):
+            r = subprocess.run(argv + (["--fast-load"] if fast_load else []), capture_output=True, text=True)
+            if r.returncode == 0:
+                return json.loads(r.stdout.strip().splitlines()[-1])
+            # A shared box: e.g. another program held the (legacy) xtables lock past -w 5.
+            print(f"  kubelab run failed (attempt {attempt}):\n{r.stderr.strip()[-2000:]}", file=sys.stderr, flush=True)
+            drop_netns(ns)
+            netns(ns)
+        raise SystemExit("kubelab run failed twice; see above")
     finally:
         drop_netns(ns)
 
