@@ -4,11 +4,13 @@ One lab for the module (one node ``node1``, pods ``web-1``/``web-2`` with
 netlab's built-in echo servers, a ``dns-1`` pod running dnsmasq, a
 ``tester`` pod, and the lab's external client), with the userspace proxier
 (:mod:`kubelab.modes.userspace.standalone`) running in node1's namespace on
-uvloop, writing its iptables rules there.  Clients: curl, nc, dig.
+uvloop, writing its iptables rules there.  Clients: curl, nc, dig, iperf3,
+wrk, from a pod, the node itself and the external client.
 
 Addresses: pods 10.244.0.0/24 (lab podCIDR 10.244.0.0/16), services
 10.96.0.0/16, underlay 172.18.0.0/24 (node1 172.18.0.10, client
-172.18.0.254; the lab's defaults), externalIP 192.0.2.10 (TEST-NET-1, routed
+172.18.0.254; the lab's defaults), NodePorts 30080 (TCP), 30201 (TCP),
+30053 (UDP), externalIP 192.0.2.10 (TEST-NET-1, routed
 to node1 by the pods' and the client's default routes), LoadBalancer IP
 192.0.2.20 (likewise), a silent endpoint
 10.244.0.200 (nothing has it).  Nothing outside the lab's namespaces.
@@ -22,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.timeout(180)
 
 WEB_IP = "10.96.0.20"
 STICKY_IP = "10.96.0.21"
+SHORT_STICKY_IP = "10.96.0.25"
 RETRY_IP = "10.96.0.22"
 GRACE_IP = "10.96.0.23"
 GONE_IP = "10.96.0.24"
@@ -40,6 +44,8 @@ PERF_IP = "10.96.0.40"
 EXTERNAL_IP = "192.0.2.10"
 LB_IP = "192.0.2.20"
 NODE_PORT = 30080
+DNS_NODE_PORT = 30053
+PERF_NODE_PORT = 30201
 SILENT = "10.244.0.200"
 
 
@@ -141,8 +147,10 @@ def env(lab, tmp_path_factory):
         "services": {
             "web": dict(name="web", port_name="http", cluster_ip=WEB_IP, port=80, node_port=NODE_PORT,
                         external_ips=[EXTERNAL_IP], lb_ips=[LB_IP], endpoints=web),
-            "perf": dict(name="perf", cluster_ip=PERF_IP, port=5201, endpoints=[f"{lab.pod_ip('perf-1')}:5201"]),
+            "perf": dict(name="perf", cluster_ip=PERF_IP, port=5201, node_port=PERF_NODE_PORT, endpoints=[f"{lab.pod_ip('perf-1')}:5201"]),
             "sticky": dict(name="sticky", cluster_ip=STICKY_IP, port=80, affinity="ClientIP", timeout=60, endpoints=web),
+            "short-sticky": dict(name="short-sticky", cluster_ip=SHORT_STICKY_IP, port=80, affinity="ClientIP",
+                                 timeout=2, endpoints=web),
             "retry": dict(name="retry", cluster_ip=RETRY_IP, port=80,
                           endpoints=[f"{lab.pod_ip('web-1')}:8081", f"{SILENT}:8080", web[1]]),
             "grace": dict(name="grace", cluster_ip=GRACE_IP, port=80, endpoints=web),
@@ -150,6 +158,7 @@ def env(lab, tmp_path_factory):
             "udp": dict(name="udp", protocol="UDP", cluster_ip=UDP_IP, port=9001,
                         endpoints=[f"{lab.pod_ip('web-1')}:9001", f"{lab.pod_ip('web-2')}:9001"]),
             "dns": dict(name="dns", namespace="kube-system", port_name="dns", protocol="UDP", cluster_ip=DNS_IP, port=53,
+                        node_port=DNS_NODE_PORT,
                         endpoints=[f"{lab.pod_ip('web-1')}:5353", f"{lab.pod_ip('dns-1')}:5353"]),
         },
     }
@@ -207,14 +216,31 @@ def test_client_ip_affinity(env, source):
     assert len(got) == 1 and sum(got.values()) == 6, got
 
 
+def test_client_ip_affinity_ends_after_its_timeout(env):
+    lab = env["lab"]
+    first = pods_of(curl(lab, "default/tester", f"http://{SHORT_STICKY_IP}/", n=3))
+    assert len(first) == 1 and sum(first.values()) == 3, first
+    # Unused for longer than timeoutSeconds (2 s), the record is gone: the
+    # next connection is balanced again, and round-robin (only this client
+    # uses the service) moves it to the other pod, where it sticks anew.
+    time.sleep(3.5)
+    second = pods_of(curl(lab, "default/tester", f"http://{SHORT_STICKY_IP}/", n=3))
+    assert len(second) == 1 and sum(second.values()) == 3 and set(second) != set(first), (first, second)
+
+
 def test_retry_past_refusing_and_silent_endpoints(env):
     lab, p = env["lab"], env["proxier"]
     before = p.stats()["stats"]["dial_failures"]
     got = pods_of(curl(lab, "default/tester", f"http://{RETRY_IP}/", n=12))
     # Every request answered (curl -sS fails the script on any error), all by the live pod.
     assert got == {"web-2": 12}
-    # Both dead endpoints were tried and quarantined (250 ms silent-dial timeout).
+    # Both dead endpoints were tried and quarantined: one refused, the
+    # other did not answer within its dial timeout (250 ms on a first try,
+    # 500 ms on a second: kube-proxy's growing timeouts).
     assert p.stats()["stats"]["dial_failures"] - before >= 2
+    log = p.log_path.read_text()
+    assert f"dial to endpoint {lab.pod_ip('web-1')}:8081 failed (Connection refused)" in log, p.tail()
+    assert re.search(rf"dial to endpoint {re.escape(SILENT)}:8080 failed \(no answer within 0\.(25|5) s\)", log), p.tail()
 
 
 @pytest.mark.parametrize("size", [11, 5_000_000], ids=["small", "5MB"])
@@ -230,17 +256,23 @@ def test_half_close_request_then_full_reply(env, size):
     assert rest[0].startswith("pod=web-") and rest[1] == "hello world"
 
 
-@pytest.mark.parametrize("source", ["default/tester", "node1", "client"], ids=["pod", "node", "external"])
-def test_udp_dns_through_the_proxy_with_a_dead_endpoint(env, source):
+@pytest.mark.parametrize(
+    "source,via",
+    [("default/tester", "clusterip"), ("node1", "clusterip"), ("client", "externalip"),
+     ("default/tester", "nodeport"), ("node1", "nodeport"), ("client", "nodeport")],
+    ids=["pod-clusterip", "node-clusterip", "external-externalip", "pod-nodeport", "node-nodeport", "external-nodeport"],
+)
+def test_udp_dns_through_the_proxy_with_a_dead_endpoint(env, source, via):
     lab = env["lab"]
-    target = DNS_IP if source != "client" else EXTERNAL_IP
-    if source == "client":
+    target = {"clusterip": f"@{DNS_IP}", "externalip": f"@{EXTERNAL_IP}",
+              "nodeport": f"@{lab.node_ip('node1')} -p {DNS_NODE_PORT}"}[via]
+    if via == "externalip":
         # The client reaches the DNS service through an externalIP of its own.
         svc = dict(env["services"]["dns"], external_ips=[EXTERNAL_IP])
         env["proxier"].sync([*(s for k, s in env["services"].items() if k != "dns"), svc])
     # web-1 has nothing on UDP 5353: its ICMP port-unreachable makes the
     # proxier replay the query to the next endpoint; dig tries only once.
-    script = f"for i in 1 2 3 4 5 6; do dig +short +tries=1 +time=3 @{target} svc.test A; done"
+    script = f"for i in 1 2 3 4 5 6; do dig +short +tries=1 +time=3 {target} svc.test A; done"
     r = lab.exec(source, ["sh", "-c", script], timeout=60, check=False)
     assert r.stdout.split() == ["10.1.2.3"] * 6, r.stdout + r.stderr
 
@@ -312,11 +344,16 @@ def test_rules_layout_in_the_kernel(env):
     assert "--state NEW -j ACCEPT" in filt
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["upload", "download"])
-def test_iperf3_through_the_cluster_ip(env, reverse):
+@pytest.mark.parametrize(
+    "source,reverse",
+    [("default/tester", False), ("default/tester", True), ("node1", False), ("client", True)],
+    ids=["pod-upload", "pod-download", "node-upload", "external-nodeport-download"],
+)
+def test_iperf3_through_the_proxy(env, source, reverse):
     lab = env["lab"]
-    argv = ["iperf3", "-c", PERF_IP, "-p", "5201", "-t", "2", "-J", *(["-R"] if reverse else [])]
-    r = lab.exec("default/tester", argv, timeout=60, check=False)
+    target = ["-c", PERF_IP, "-p", "5201"] if source != "client" else ["-c", lab.node_ip("node1"), "-p", str(PERF_NODE_PORT)]
+    argv = ["iperf3", *target, "-t", "2", "-J", *(["-R"] if reverse else [])]
+    r = lab.exec(source, argv, timeout=60, check=False)
     result = json.loads(r.stdout)
     assert "error" not in result, result.get("error")
     # Control and data connections both went through the relay.  iperf3's
@@ -328,10 +365,11 @@ def test_iperf3_through_the_cluster_ip(env, reverse):
     assert received > 0 and 0 <= sent - received <= 64 << 20, (sent, received)
 
 
-def test_wrk_short_connections_without_errors(env):
+@pytest.mark.parametrize("source", ["default/tester", "node1", "client"], ids=["pod", "node", "external-nodeport"])
+def test_wrk_short_connections_without_errors(env, source):
     lab = env["lab"]
-    r = lab.exec("default/tester", ["wrk", "-t1", "-c8", "-d2s", "-H", "Connection: close", f"http://{WEB_IP}/"],
-                 timeout=60, check=False)
+    url = f"http://{WEB_IP}/" if source != "client" else f"http://{lab.node_ip('node1')}:{NODE_PORT}/"
+    r = lab.exec(source, ["wrk", "-t1", "-c8", "-d2s", "-H", "Connection: close", url], timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     assert re.search(r"\d+ requests in", r.stdout), r.stdout
     assert "Socket errors" not in r.stdout and "Non-2xx" not in r.stdout, r.stdout

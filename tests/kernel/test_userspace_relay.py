@@ -90,13 +90,25 @@ def test_connection_limit_holds_new_connections_in_the_backlog(loop_name, caplog
 
 
 @LOOPS
-def test_backpressure_with_a_stalled_reader_then_every_byte_arrives(loop_name):
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_backpressure_with_a_stalled_reader_then_every_byte_arrives(loop_name, direction):
+    """A reader that stops reading stalls the writer on the far side, both ways.
+
+    upload: the backend does not read, the client's send blocks; download:
+    the client does not read, the backend's writes block.  Either way the
+    relay holds at most one pipe of the stream, and once the reader reads
+    again every byte arrives.
+    """
+
     async def body():
+        loop = asyncio.get_running_loop()
         release = asyncio.Event()
+        payload = os.urandom(1 << 20) * 32  # 32 MiB
         received = hashlib.sha256()
         total = 0
+        backend_wrote = 0
 
-        async def slow(reader, writer):
+        async def slow_reader(reader, writer):
             nonlocal total
             await release.wait()
             while data := await reader.read(1 << 20):
@@ -106,31 +118,50 @@ def test_backpressure_with_a_stalled_reader_then_every_byte_arrives(loop_name):
             await writer.drain()
             writer.close()
 
-        srv, bport = await echo_server(slow)
+        async def fast_writer(reader, writer):
+            nonlocal backend_wrote
+            for off in range(0, len(payload), 1 << 20):
+                writer.write(payload[off : off + (1 << 20)])
+                await writer.drain()  # blocks while the relay holds the stream back
+                backend_wrote = off + (1 << 20)
+            writer.close()
+
+        srv, bport = await echo_server(slow_reader if direction == "upload" else fast_writer)
         relay, port = await make_relay([f"127.0.0.1:{bport}"], pipe_size=65536)
         sock = socket.create_connection(("127.0.0.1", port.port))
         sock.setblocking(False)
-        payload = os.urandom(1 << 20) * 32  # 32 MiB
-        sent = 0
-        loop = asyncio.get_running_loop()
-        # Fill everything until the client's own send blocks: the relay must
-        # not buffer without bound while the backend does not read.
-        blocked = 0
-        while blocked < 5 and sent < len(payload):
-            try:
-                sent += sock.send(payload[sent : sent + (1 << 20)])
-                blocked = 0
-            except BlockingIOError:
-                blocked += 1
-                await asyncio.sleep(0.05)
-        assert sent < len(payload)
-        (conn,) = port.conns
-        assert conn.up.pending <= conn.up.capacity
-        release.set()
-        await loop.sock_sendall(sock, payload[sent:])
-        sock.shutdown(socket.SHUT_WR)
-        reply = await asyncio.wait_for(loop.sock_recv(sock, 16), 30)
-        assert reply == b"done"
+        if direction == "upload":
+            # Fill everything until the client's own send blocks: the relay
+            # must not buffer without bound while the backend does not read.
+            sent = blocked = 0
+            while blocked < 5 and sent < len(payload):
+                try:
+                    sent += sock.send(payload[sent : sent + (1 << 20)])
+                    blocked = 0
+                except BlockingIOError:
+                    blocked += 1
+                    await asyncio.sleep(0.05)
+            assert sent < len(payload)
+            (conn,) = port.conns
+            assert conn.up.pending <= conn.up.capacity
+            release.set()
+            await loop.sock_sendall(sock, payload[sent:])
+            sock.shutdown(socket.SHUT_WR)
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 16), 30)
+            assert reply == b"done"
+        else:
+            # The client reads nothing: the backend's drain() must stop
+            # returning once the socket buffers and one pipe are full.
+            last = -1
+            while backend_wrote != last:
+                last = backend_wrote
+                await asyncio.sleep(0.2)
+            assert backend_wrote < len(payload)
+            (conn,) = port.conns
+            assert conn.down.pending <= conn.down.capacity
+            while data := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 30):
+                received.update(data)
+                total += len(data)
         assert total == len(payload) and received.digest() == hashlib.sha256(payload).digest()
         sock.close()
         relay.close()
