@@ -24,6 +24,9 @@ kubernetes_asyncio sends.  What it does like a real kube-apiserver:
   cleanly.
 * ``Status`` bodies for errors, 404 ``NotFound`` for unknown paths, 405 for
   wrong methods, 401/403 for authentication and RBAC (when configured).
+* field selectors per resource, as the server's version knows them
+  (``minor=30``: Services have no ``spec.clusterIP`` / ``spec.type`` field
+  selector yet, a 400 ``field label not supported`` as before 1.31).
 
 Strict where a real server is lenient: unknown query parameters, or
 parameters that do not belong to the request, are answered 400 *and*
@@ -157,6 +160,7 @@ class FakeAPIServer:
         strict: bool = True,
         host: str = "127.0.0.1",
         expired_watch: str = "event",  # "event": 200 + ERROR event (watch cache); "http": a 410 response (etcd)
+        minor: int = 32,  # the Kubernetes 1.x it behaves as (what field selectors it knows)
     ) -> None:
         self.store = Store()
         self.endpoint_slices = endpoint_slices
@@ -167,6 +171,7 @@ class FakeAPIServer:
         self.strict = strict
         self.host = host
         self.expired_watch = expired_watch
+        self.minor = minor
         self.port = 0
         self.requests: list[RequestRecord] = []
         self.violations: list[str] = []
@@ -499,11 +504,19 @@ class FakeAPIServer:
         return self._reply(201, change.obj)
 
     def _selectors(self, rtype: ResourceType, query: dict) -> tuple[tuple, tuple]:
+        supported = rtype.field_labels
+        newer = frozenset()
+        if self.minor < 31 and rtype.plural == "services":
+            # spec.clusterIP and spec.type became field selectors in 1.31 (kubernetes PR #123905).
+            newer = frozenset({"spec.clusterIP", "spec.type"})
+            supported = supported - newer
         try:
             labels = parse_label_selector(query.get("labelSelector", ""))
-            fields = parse_field_selector(query.get("fieldSelector", ""), rtype.field_labels)
+            fields = parse_field_selector(query.get("fieldSelector", ""), supported)
         except SelectorError as e:
-            raise _Reject(400, "BadRequest", str(e), violation=True) from None
+            # A field a newer server knows is this server's limit, not the client's mistake.
+            known_later = any(str(e).endswith(f": {f}") for f in newer)
+            raise _Reject(400, "BadRequest", str(e), violation=not known_later) from None
         return labels, fields
 
     def _parse_rv(self, value: str) -> int:

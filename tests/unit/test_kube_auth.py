@@ -8,7 +8,6 @@ with a throwaway CA made per test module; objects carry 10.96.0.0/16 IPs.
 from __future__ import annotations
 
 import asyncio
-import json
 import stat
 import sys
 
@@ -204,9 +203,10 @@ def test_kubesource_compat_constructors(tmp_path):
     kc = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:1")
     src = kube.KubeSource(kubeconfig=str(kc), handlers=[Recorder()], node_name="n1")
     assert src.config.purpose == "proxy" and src.config.node_name == "n1"
-    assert src.config.label_selector == kube.PROXY_LABEL_SELECTOR
+    assert src.config.service_selectors == ("!service.kubernetes.io/service-proxy-name", "spec.clusterIP!=None")
+    assert src.config.endpoints_label_selector == "!service.kubernetes.io/headless"
     dns = kube.KubeSourceConfig.for_dns(kubeconfig=str(kc))
-    assert dns.pods and dns.label_selector == ""
+    assert dns.pods and dns.service_selectors == ("", "") and dns.endpoints_label_selector == ""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -215,4 +215,3 @@ def test_kubesource_compat_constructors(tmp_path):
     cfg = kube.config_from_args(args, purpose="dns")
     assert (cfg.kubeconfig, cfg.context, cfg.purpose) == (str(kc), "x", "dns")
     assert kube.config_from_args(p.parse_args([])) is None
-    assert json.loads(json.dumps(kube.PROXY_LABEL_SELECTOR)).startswith("!service.kubernetes.io/service-proxy-name")

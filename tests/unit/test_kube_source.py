@@ -108,35 +108,60 @@ def test_other_nodes_are_not_watched(tmp_path):
 # ---------------------------------------------------------------- selectors
 
 SELECTOR_CASES = [
-    ("proxy", ["plain"], ["plain-1"]),
-    ("dns", ["headless", "other-proxy", "plain"], ["headless-1", "plain-1"]),
+    # (id, purpose, server's Kubernetes minor, Services delivered, EndpointSlices delivered)
+    ("proxy", "proxy", 32, ["plain"], ["other-proxy-1", "plain-1"]),
+    ("proxy-on-1.30", "proxy", 30, ["headless", "plain"], ["other-proxy-1", "plain-1"]),
+    ("dns", "dns", 32, ["headless", "other-proxy", "plain"], ["headless-1", "other-proxy-1", "plain-1"]),
 ]
 
 
-@pytest.mark.parametrize("purpose,services,slices", SELECTOR_CASES, ids=[c[0] for c in SELECTOR_CASES])
-def test_label_selectors(tmp_path, purpose, services, slices):
-    """kube-proxy skips other proxies' Services and headless Services' slices; DNS sees everything."""
+@pytest.mark.parametrize("purpose,minor,services,slices", [c[1:] for c in SELECTOR_CASES],
+                         ids=[c[0] for c in SELECTOR_CASES])
+def test_selectors(tmp_path, purpose, minor, services, slices):
+    """kube-proxy's selectors (server.go): Services ``!service-proxy-name`` and ``spec.clusterIP!=None``,
+    EndpointSlices ``!service.kubernetes.io/headless``; DNS sees everything.
+
+    The objects are shaped as a cluster makes them: a headless Service has
+    ``clusterIP: None`` and no label; the EndpointSlice controller labels its
+    slices ``service.kubernetes.io/headless`` and copies the Service's labels
+    (the proxy name too) onto the slices.
+    """
 
     async def main():
-        async with FakeAPIServer() as api:
+        async with FakeAPIServer(minor=minor) as api:
+            proxy_name = {"service.kubernetes.io/service-proxy-name": "cilium"}
             api.apply_all([
                 service("plain", "10.96.0.30"),
-                service("headless", "None", labels={"service.kubernetes.io/headless": ""}),
-                service("other-proxy", "10.96.0.31", labels={"service.kubernetes.io/service-proxy-name": "cilium"}),
+                service("headless", "None"),
+                service("other-proxy", "10.96.0.31", labels=proxy_name),
                 endpoint_slice("plain-1", "plain", ["10.244.2.1"]),
                 endpoint_slice("headless-1", "headless", ["10.244.2.2"], labels={"service.kubernetes.io/headless": ""}),
+                endpoint_slice("other-proxy-1", "other-proxy", ["10.244.2.3"], labels=proxy_name),
             ])
             src, rec = make_source(api, tmp_path, purpose=purpose)
             async with running(src):
                 await api.wait_for(lambda: src.synced, what="synced")
                 assert sorted(rec.names("on_service_add")) == services
                 assert sorted(rec.names("on_endpoint_slice_add")) == slices
-                if purpose == "proxy":
-                    # A Service handed to another proxy later leaves our view: a delete.
-                    api.apply(service("plain", "10.96.0.30", labels={"service.kubernetes.io/service-proxy-name": "x"}))
-                    await api.wait_for(lambda: rec.names("on_service_delete") == ["plain"], what="delete on relabel")
-                    sel = {r.query.get("labelSelector") for r in api.requests_for(path="/services")}
-                    assert sel == {"!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"}
+                svc_sel = {(r.query.get("labelSelector"), r.query.get("fieldSelector"), r.status)
+                           for r in api.requests_for(path="/services")}
+                slice_sel = {r.query.get("labelSelector") for r in api.requests_for(path="/endpointslices")}
+                if purpose == "dns":
+                    assert svc_sel == {(None, None, 200)} and slice_sel == {None}
+                    return
+                assert slice_sel == {"!service.kubernetes.io/headless"}
+                want = {("!service.kubernetes.io/service-proxy-name", "spec.clusterIP!=None", 200)}
+                if minor < 31:
+                    # An older server refuses the field selector once; then it is left out for good.
+                    want = {("!service.kubernetes.io/service-proxy-name", "spec.clusterIP!=None", 400),
+                            ("!service.kubernetes.io/service-proxy-name", None, 200)}
+                    assert src.reflectors["services"].lists == 1
+                await api.wait_for(lambda: api.watching("services") == 1, what="the services watch")
+                # A Service handed to another proxy later leaves our view: a delete.
+                api.apply(service("plain", "10.96.0.30", labels={"service.kubernetes.io/service-proxy-name": "x"}))
+                await api.wait_for(lambda: rec.names("on_service_delete") == ["plain"], what="delete on relabel")
+                assert {(r.query.get("labelSelector"), r.query.get("fieldSelector"), r.status)
+                        for r in api.requests_for(path="/services")} == want
 
     run(main())
 

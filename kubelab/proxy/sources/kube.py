@@ -25,12 +25,19 @@ What kube-proxy's informers do (client-go's Reflector), for kubelab's
   ``on_endpoint_slices_synced`` (and pods / nodes) fire once, after the
   first complete list has been delivered -- the controller programs nothing
   before both (kube-proxy's ``WaitForCacheSync``).
-* **Selectors**: for the proxy, Services and EndpointSlices are listed with
-  kube-proxy's label selector
-  ``!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless``
-  (cmd/kube-proxy/app/server.go), and its own Node with the field selector
-  ``metadata.name=<node>``; DNS wants every Service and EndpointSlice, and
-  Pods.
+* **Selectors**: for the proxy, kube-proxy's (cmd/kube-proxy/app/server.go,
+  since Kubernetes 1.32): Services with the label selector
+  ``!service.kubernetes.io/service-proxy-name`` (another proxy's Services)
+  and the field selector ``spec.clusterIP!=None`` (headless Services: DNS
+  serves them, no proxy does); EndpointSlices with
+  ``!service.kubernetes.io/headless`` (the label the EndpointSlice
+  controller puts on a headless Service's slices -- Services themselves never
+  carry it).  API servers before 1.31 do not know the ``spec.clusterIP``
+  field selector (400 "field label not supported"): then Services are
+  listed without it, and the change tracker skips headless ones as
+  kube-proxy's ``ShouldSkipService`` does.  Its own Node with the field
+  selector ``metadata.name=<node>``.  DNS wants every Service and
+  EndpointSlice, headless ones above all, and Pods.
 * **EndpointSlices, or Endpoints**: discovery.k8s.io/v1 EndpointSlices are
   used whenever the server serves them (discovery: ``GET
   /apis/discovery.k8s.io/v1``); only where that API is absent (404) does the
@@ -96,10 +103,17 @@ import yaml
 from kubelab.model import LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, KubeObject, Origin
 from kubelab.proxy.provider import Provider
 
-# kube-proxy's informer label selector (cmd/kube-proxy/app/server.go):
-# services that ask for another proxy, and headless services' endpoints, are
-# not its business.  Applied to both Services and EndpointSlices.
-PROXY_LABEL_SELECTOR = f"!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"
+# kube-proxy's informer selectors (cmd/kube-proxy/app/server.go).  Services
+# that ask for another proxy are not its business, nor headless Services
+# (server-side since kubernetes PR #126769, 1.32, on the spec.clusterIP field
+# selector of PR #123905, 1.31); a headless Service's EndpointSlices are
+# labelled service.kubernetes.io/headless by the EndpointSlice controller.
+# (Before 1.32 kube-proxy sent both labels to both kinds; the headless label
+# never matched a Service, and a proxy-name Service's slices were dropped
+# later anyway for want of their Service.)
+PROXY_SERVICE_LABEL_SELECTOR = f"!{LABEL_SERVICE_PROXY_NAME}"
+PROXY_SERVICE_FIELD_SELECTOR = "spec.clusterIP!=None"
+PROXY_ENDPOINTS_LABEL_SELECTOR = f"!{LABEL_HEADLESS}"
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -165,8 +179,16 @@ class KubeSourceConfig:
         return cls(purpose="dns", **kw)
 
     @property
-    def label_selector(self) -> str:
-        return PROXY_LABEL_SELECTOR if self.purpose == "proxy" else ""
+    def service_selectors(self) -> tuple[str, str]:
+        """(label, field) selectors for Services: kube-proxy's for the proxy, none for DNS."""
+        if self.purpose == "proxy":
+            return PROXY_SERVICE_LABEL_SELECTOR, PROXY_SERVICE_FIELD_SELECTOR
+        return "", ""
+
+    @property
+    def endpoints_label_selector(self) -> str:
+        """The label selector for EndpointSlices (and core/v1 Endpoints): no headless ones for the proxy."""
+        return PROXY_ENDPOINTS_LABEL_SELECTOR if self.purpose == "proxy" else ""
 
     def validate(self) -> None:
         """Raise KubeConfigError for settings that cannot work, naming the flag."""
@@ -272,15 +294,20 @@ class WatchedResource:
     synced: str  # "on_services_synced"
     label_selector: str = ""
     field_selector: str = ""
+    # The field selector is an optimisation an older server may not know (400
+    # "field label not supported"): then list and watch without it.
+    field_selector_optional: bool = False
     path: str = ""  # for messages: "/api/v1/services"
 
 
 def _resources(config: KubeSourceConfig, slices_served: bool | None) -> list[WatchedResource]:
     out = []
-    sel = config.label_selector
+    svc_labels, svc_fields = config.service_selectors
+    sel = config.endpoints_label_selector
     if config.services:
         out.append(WatchedResource("services", "Service", "v1", "CoreV1Api", "list_service_for_all_namespaces",
-                                   "service", "on_services_synced", sel, path="/api/v1/services"))
+                                   "service", "on_services_synced", svc_labels, svc_fields,
+                                   field_selector_optional=True, path="/api/v1/services"))
     if config.endpoint_slices and slices_served is not None:
         if slices_served:
             out.append(WatchedResource("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", "DiscoveryV1Api",
@@ -605,6 +632,7 @@ class Reflector:
         self.watches = 0  # watch requests made
         self.backoff = source._backoff()
         self.origin = Origin(source=f"{source.server}{res.path}")
+        self.field_selector = res.field_selector  # dropped if the server does not know it (optional ones only)
 
     # ------------------------------------------------------------ the loop
 
@@ -625,6 +653,8 @@ class Reflector:
                 self.log.info("%s: %s; relisting", self._what("watch"), e)
                 need_list = True
             except Exception as e:  # noqa: BLE001 - every failure is retried; the last state stays programmed
+                if self._drop_unsupported_field_selector(e):
+                    continue
                 delay = self.backoff.next()
                 if isinstance(e, APIStatusError):
                     if e.retry_after:
@@ -640,6 +670,17 @@ class Reflector:
                 self.log.warning("%s failed: %s%s; retrying in %.1fs (the dataplane stays as programmed)",
                                  "list" if need_list else "watch of " + self.res.name, _describe(e), hint, delay)
                 await self.source.deps.sleep(delay)
+
+    def _drop_unsupported_field_selector(self, e: BaseException) -> bool:
+        """After a 400 "field label not supported" for an optional field selector: go on without it."""
+        if not (self.res.field_selector_optional and self.field_selector and isinstance(e, APIStatusError)
+                and e.code == 400 and "field label not supported" in e.message):
+            return False
+        self.log.warning("%s: the API server does not support the field selector %s (Kubernetes < 1.31): "
+                         "listing without it; objects it would have filtered are skipped locally",
+                         self.res.name, self.field_selector)
+        self.field_selector = ""
+        return True
 
     async def _quietly(self, coro: Any) -> None:
         try:
@@ -659,8 +700,8 @@ class Reflector:
         kw = {}
         if self.res.label_selector:
             kw["label_selector"] = self.res.label_selector
-        if self.res.field_selector:
-            kw["field_selector"] = self.res.field_selector
+        if self.field_selector:
+            kw["field_selector"] = self.field_selector
         return kw
 
     # ------------------------------------------------------------ list
