@@ -176,11 +176,12 @@ class ProxierHealthServer:
         status = 200 if healthy else 503
         if counter is not None:
             counter.labels(code=str(status)).inc()
+        # Headers set directly: aiohttp's content_type= would add "; charset=utf-8",
+        # which kube-proxy does not send.
         return web.Response(
             status=status,
-            text=body,
-            content_type="application/json",
-            headers={"X-Content-Type-Options": "nosniff"},
+            body=body.encode(),
+            headers={"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"},
         )
 
     async def handle_healthz(self, request: web.Request) -> web.Response:

@@ -92,7 +92,7 @@ async def test_proxier_health_rule_and_body():
         # Starting up: healthy, and lastUpdated reads "now" while healthy.
         status, headers, body = await get(base + "/healthz")
         assert status == 200
-        assert headers["Content-Type"].startswith("application/json") and headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Content-Type"] == "application/json" and headers["X-Content-Type-Options"] == "nosniff"
         # byte for byte kube-proxy's Fprintf format (its odd spacing included)
         assert body == ('{"lastUpdated": "2023-11-14 22:13:20 +0000 UTC m=+2.500000000",'
                         '"currentTime": "2023-11-14 22:13:20 +0000 UTC m=+2.500000000", "nodeEligible": true}')

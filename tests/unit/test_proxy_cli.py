@@ -22,6 +22,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -250,8 +251,13 @@ def test_watch_edit_metrics_healthz(manifests):
         assert "SVC default/db:pg 172.30.0.20:5432/TCP -> 10.244.3.3:5432" in second
         assert any("default/web:http" in line for line in second)
 
-        # An edit (one endpoint gone) and a deletion.
-        (manifests / "web.yaml").write_text(SERVICE + "---\n" + SLICE.replace("  - 10.244.2.7\n", "  - 10.244.2.8\n"))
+        # An edit (one endpoint gone) and a deletion.  The slice carries the
+        # endpoints controller's trigger-time annotation, which is what feeds
+        # kubeproxy_network_programming_duration_seconds.
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # after the tracker started
+        edited = SLICE.replace("  - 10.244.2.7\n", "  - 10.244.2.8\n").replace(
+            "  labels:\n", f"  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{now}\"\n  labels:\n", 1)
+        (manifests / "web.yaml").write_text(SERVICE + "---\n" + edited)
         proxy.wait_for_render(lambda r: any("10.244.2.8:8080" in line for line in r), "the edited endpoint")
         (manifests / "db.yaml").unlink()
         proxy.wait_for_render(lambda r: r and not any("default/db" in line for line in r), "db deleted")
@@ -266,6 +272,9 @@ def test_watch_edit_metrics_healthz(manifests):
         assert float(samples["kubeproxy_sync_proxy_rules_endpoint_changes_total"]) >= 3
         assert float(samples["kubeproxy_sync_proxy_rules_last_timestamp_seconds"]) > 1.6e9
         assert "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}" in samples
+        assert float(samples["kubeproxy_network_programming_duration_seconds_count"]) >= 1
+        assert float(samples["kubeproxy_sync_proxy_rules_service_changes_pending"]) == 0
+        assert float(samples["kubeproxy_sync_proxy_rules_endpoint_changes_pending"]) == 0
 
         code, body = curl(f"http://127.0.0.1:{hport}/healthz")
         health = json.loads(body)
