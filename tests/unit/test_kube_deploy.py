@@ -85,6 +85,7 @@ def test_daemonset_is_shaped_like_kube_proxy():
     spec = ds["spec"]["template"]["spec"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "Default"  # cluster DNS needs this very proxy first
     assert spec["serviceAccountName"] == "kubelab-proxy"
     assert spec["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in spec["tolerations"]
@@ -141,6 +142,9 @@ def test_kube_dns_service_selects_the_deployment():
     dep = one("Deployment", "kubelab-dns")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
+    # CoreDNS's Deployment selects k8s-app: kube-dns; ours must not (nor be selected by it).
+    assert dep["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "kubelab-dns"}
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     ports = {(p["port"], p["protocol"]) for p in svc["spec"]["ports"]}
     assert {(53, "UDP"), (53, "TCP")} <= ports
     (c,) = dep["spec"]["template"]["spec"]["containers"]

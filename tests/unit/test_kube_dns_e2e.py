@@ -45,7 +45,7 @@ def test_dns_sees_headless_services_through_the_api(tmp_path):
         async with FakeAPIServer() as api:
             api.apply_all([
                 service("web", "10.96.0.50"),
-                service("db", "None", labels={"service.kubernetes.io/headless": ""}),
+                service("db", "None"),  # headless: no cluster IP (its slices carry the headless label)
                 endpoint_slice("db-1", "db", ["10.244.0.7", "10.244.0.8"], labels={"service.kubernetes.io/headless": ""}),
             ])
             kc = write_kubeconfig(tmp_path / "kc", api.url)
@@ -72,7 +72,9 @@ def test_dns_sees_headless_services_through_the_api(tmp_path):
                 await answers("db.default.svc.cluster.local.", ["10.244.0.9"])
                 api.delete("Service", "default", "web")
                 await answers("web.default.svc.cluster.local.", [])
-                assert {r.query.get("labelSelector") for r in api.requests_for(path="/services")} == {None}
+                assert {(r.query.get("labelSelector"), r.query.get("fieldSelector"))
+                        for r in api.requests_for(path="/services")} == {(None, None)}
+                assert {r.query.get("labelSelector") for r in api.requests_for(path="/endpointslices")} == {None}
             finally:
                 proc.terminate()
                 await proc.wait()
