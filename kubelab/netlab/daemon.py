@@ -50,6 +50,10 @@ log = logging.getLogger("kubelab.netlab.daemon")
 
 PR_SET_PDEATHSIG = 1
 PROXY_METRICS_PORT = 10249
+# A control request is one JSON line; asyncio's StreamReader refuses lines over
+# its limit (64 KiB by default), and one `lab.apply` of a few hundred objects
+# is larger than that.  Also used by the UML lab host (kubelab.netlab.umllab).
+CTL_LINE_LIMIT = 256 << 20
 
 
 def _die_with_parent() -> None:
@@ -167,7 +171,7 @@ class LabDaemon:
                 self.start_proxy(node.name)
         ctl = self.deps.ctl_path or self.dir / "ctl.sock"
         ctl.parent.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(ctl))
+        self._server = await asyncio.start_unix_server(self._serve, path=str(ctl), limit=CTL_LINE_LIMIT)
         self.write_state()
         log.info("lab up in %.2fs", time.monotonic() - started)
 
@@ -382,8 +386,13 @@ class LabDaemon:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
             try:
+                line = await reader.readline()
+            except ValueError:  # over CTL_LINE_LIMIT (asyncio.LimitOverrunError)
+                line = None
+            try:
+                if line is None:
+                    raise ValueError(f"request larger than {CTL_LINE_LIMIT >> 20} MiB; apply the manifests in parts")
                 request = json.loads(line)
                 response = await self.handle(request)
             except LabSpecError as exc:

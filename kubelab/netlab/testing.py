@@ -2,8 +2,10 @@
 
 ``unique_lab_name()`` gives a lab name no concurrently running test
 (this process or another) uses; ``leftovers(name)`` lists whatever of a lab
-still exists -- namespaces, /etc/netns entries, its directory, processes --
-so a test can assert a teardown was complete.
+still exists -- namespaces, their bind mounts, /etc/netns entries, its
+directory, processes -- so a test can assert a teardown was complete.
+Every link of a lab lives inside one of its namespaces (none is made in the
+host's), so once no mount and no process holds a namespace, its links are gone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def leftovers(name: str) -> list[str]:
         left += [f"/etc/netns/{n}" for n in os.listdir(topology.ETC_NETNS) if n.startswith(pre)]
     except FileNotFoundError:
         pass
+    with open("/proc/self/mountinfo") as f:
+        left += [f"mount {line.split()[4]}" for line in f if f"/{pre}" in line.split()[4]]
     d = lab_dir(name)
     if d.exists():
         left.append(str(d))

@@ -117,12 +117,15 @@ class Topology:
 
     # ------------------------------------------------------------------
 
-    def _veth(self, in_ns: str, name: str, peer_ns: str, peer_name: str) -> int:
-        """A veth ``name`` in ``in_ns`` whose peer ``peer_name`` is created directly in ``peer_ns``."""
+    def _veth(self, in_ns: str, name: str, peer_ns: str, peer_name: str, peer_address: str | None = None) -> int:
+        """A veth ``name`` in ``in_ns`` whose peer ``peer_name`` (MAC ``peer_address`` if given) is created in ``peer_ns``."""
         ipr = self._nl.get(in_ns)
         fd = nsutil.open_fd(peer_ns)
+        peer = {"ifname": peer_name, "net_ns_fd": fd}
+        if peer_address:
+            peer["address"] = peer_address
         try:
-            ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer_name, "net_ns_fd": fd})
+            ipr.link("add", ifname=name, kind="veth", peer=peer)
         finally:
             os.close(fd)
         return ipr.link_lookup(ifname=name)[0]
@@ -142,7 +145,7 @@ class Topology:
         nsutil.add(u)
         ipr = self._nl.get(u)
         self._up(ipr, "lo")
-        ipr.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+        ipr.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge", address=mac_for(s.gateway_ip))
         self._up(ipr, UNDERLAY_BRIDGE, s.gateway_ip, self._underlay_prefix)
         nsutil.write_sysctl(u, "net.ipv4.ip_forward", "1")
         nsutil.add(c)
@@ -167,7 +170,10 @@ class Topology:
         self._up(ipr, "eth0", s.node_ip(index), self._underlay_prefix)
         ipr.route("add", dst="0.0.0.0/0", gateway=s.gateway_ip)
         cidr = s.node_pod_cidr(index)
-        ipr.link("add", ifname=BRIDGE, kind="bridge")
+        # An explicit bridge MAC, as kubenet sets on cbr0: otherwise the bridge
+        # takes the lowest MAC of its ports, which changes as pods come and go,
+        # and every pod's neighbour entry for its gateway goes stale.
+        ipr.link("add", ifname=BRIDGE, kind="bridge", address=mac_for(str(cidr.network_address + 1)))
         self._up(ipr, BRIDGE, str(cidr.network_address + 1), cidr.prefixlen)
         for j, other in enumerate(s.nodes):
             if j != index:
@@ -189,7 +195,11 @@ class Topology:
         nsutil.add(p)
         ipr = self._nl.get(n)
         veth = pod_veth(namespace, name)
-        idx = self._veth(n, veth, p, "eth0")
+        # The pod's MAC follows from its IP (as ovn-kubernetes does): a pod
+        # created with the IP of a deleted one has the MAC it had, so the
+        # neighbour entries the node and other pods still hold stay right
+        # instead of black-holing the new pod until they expire (~30 s).
+        idx = self._veth(n, veth, p, "eth0", mac_for(ip))
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
         with contextlib.suppress(Exception):  # hairpin: a pod reaching itself via its Service
             # IFLA_BRPORT_MODE is pyroute2's ``mode``; it silently ignores unknown keywords such as ``hairpin_mode``.
@@ -209,6 +219,11 @@ class Topology:
         nsutil.kill_pids(nsutil.pids_in(p))
         nsutil.remove(p)  # the veth pair goes with the namespace
         shutil.rmtree(os.path.join(ETC_NETNS, p), ignore_errors=True)
+
+
+def mac_for(ip: str) -> str:
+    """A locally administered unicast MAC made from an IPv4 address: ``0a:58:`` then the address's 4 bytes."""
+    return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
 
 
 def write_resolv_conf(ns: str, text: str) -> None:

@@ -46,6 +46,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubelab.netlab.daemon import CTL_LINE_LIMIT
+
 log = logging.getLogger("kubelab.netlab.umllab")
 
 INNER_CTL = "/run/kubelab/ctl.sock"  # on the UML kernel's private /run (tmpfs)
@@ -99,7 +101,9 @@ class UMLLabHost:
             loop.add_signal_handler(sig, self._stop.set)
         try:
             await asyncio.to_thread(self.build)
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.dir / "ctl.sock"))
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.dir / "ctl.sock"), limit=CTL_LINE_LIMIT
+            )
             self.mirror_state()
         except Exception as exc:
             log.error("lab %s failed to come up in UML: %s\n%s", self.name, exc, traceback.format_exc())

@@ -147,6 +147,14 @@ def test_pod_readiness_and_terminating_endpoints(make_lab):
 
     assert conditions() == {"web-1": (True, True, False), "web-2": (True, True, False),
                             "web-3": (True, True, False), "slow": (False, False, False)}
+    # A pod on web-2's node talks to it, so that node's bridge and that pod
+    # hold neighbour entries for web-2's IP (checked again once the IP is reused).
+    node2 = lab.state()["pods"]["default/web-2"]["node"]
+    old_ip = lab.pod_ip("web-2")
+    peer = next(k for k, p in sorted(lab.state()["pods"].items()) if p["node"] == node2 and k != "default/web-2")
+    for src in (peer, node2):
+        r = lab.exec(src, ["curl", "-sS", "--max-time", "5", f"http://{old_ip}:8080/"])
+        assert r.stdout.startswith("pod=web-2 "), r
     lab.delete("pod/web-2", grace=2)
     assert conditions()["web-2"] == (False, True, True)
     # Terminating pods still serve during their grace period.
@@ -158,6 +166,22 @@ def test_pod_readiness_and_terminating_endpoints(make_lab):
     assert "web-2" not in conditions()
     assert "default/web-2" not in lab.state()["pods"]
     assert f"kl-{lab.name}.p.default.web-2" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout.split()
+    # A new pod gets the freed IP; the node and the pod that knew the old one
+    # reach the new one right away (not after their stale neighbour entries expire).
+    lab.apply([{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reuse"},
+                "spec": {"nodeName": node2, "containers": [{"name": "c", "ports": [{"containerPort": 8080}]}]}}])
+    assert lab.pod_ip("reuse") == old_ip
+    for src in (peer, node2):
+        r = lab.exec(src, ["curl", "-sS", "--max-time", "5", f"http://{old_ip}:8080/"], timeout=15)
+        assert r.stdout.startswith("pod=reuse "), (src, r)
+    # One apply far over asyncio's 64 KiB line limit: 400 Services in one request.
+    bulk = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"bulk-{i}", "namespace": "bulk",
+             "labels": {"purpose": "a-request-larger-than-64KiB"}},
+             "spec": {"selector": {"app": f"bulk-{i}"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+            for i in range(400)]
+    assert len(json.dumps(bulk)) > 100_000
+    result = lab.apply(bulk)
+    assert len(result["services"]) == 400 and "bulk/bulk-399" in lab.state()["services"]
     # Scale via apply: a 4th replica appears with an IP and a server.
     lab.apply([deployment("web", 4, [{"name": "http", "containerPort": 8080}])])
     ip = lab.pod_ip("web-4")

@@ -305,3 +305,18 @@ def test_named_ports_group_pods_and_slices_hold_at_most_100():
 def test_only_same_namespace():
     other = Pod(meta=ObjectMeta(name="p", namespace="other", labels={"app": "a"}), pod_ips=("10.244.0.9",))
     assert endpoint_slices([svc()], [other], NODES.values())[0].endpoints == ()
+
+
+@pytest.mark.parametrize(
+    "ip,mac",
+    [
+        pytest.param("10.244.0.2", "0a:58:0a:f4:00:02", id="pod"),
+        pytest.param("10.244.1.1", "0a:58:0a:f4:01:01", id="bridge"),
+        pytest.param("172.18.0.255", "0a:58:ac:12:00:ff", id="underlay-gateway"),
+    ],
+)
+def test_mac_follows_the_ip(ip, mac):
+    """A reused pod IP gets the MAC the old pod had, so stale neighbour entries still point at it."""
+    from kubelab.netlab.topology import mac_for
+
+    assert mac_for(ip) == mac
