@@ -130,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--ipvs-strict-arp", type=_go_bool, nargs="?", const=True, metavar="BOOL", help="set arp_ignore/arp_announce so the dummy interface's IPs are not ARP-answered")
     mode.add_argument("--iptables-masquerade-bit", type=int, metavar="BIT", help="fwmark bit used to mark packets for SNAT (default 14)")
     mode.add_argument("--udp-timeout", type=_duration, metavar="DURATION", help="userspace mode: close a UDP session idle this long, e.g. 250ms, 2s (default 250ms, as kube-proxy)")
+    mode.add_argument("--userspace-max-connections", type=int, metavar="N", help="userspace mode: relay at most N TCP connections at once; more wait in the listen backlog, and the log says so (default 10000)")
 
     sync = parser.add_argument_group("syncing")
     sync.add_argument("--min-sync-period", type=_duration, metavar="DURATION", help="at most one sync per this long, e.g. 1s, 500ms (default 1s)")
@@ -166,6 +167,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
             "ipvs_strict_arp": args.ipvs_strict_arp,
             "masquerade_bit": args.iptables_masquerade_bit,
             "udp_idle_timeout": args.udp_timeout,
+            "userspace_max_connections": args.userspace_max_connections,
             "min_sync_period": args.min_sync_period,
             "sync_period": args.sync_period,
             "verbosity": args.verbosity,

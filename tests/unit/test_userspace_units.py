@@ -382,7 +382,7 @@ def deps(**cfg) -> ModeDeps:
         ({"bind_address": "not-an-ip"}, "is not an IP address"),
         ({"bind_address": "::"}, "IPv4 only"),
         ({"udp_idle_timeout": 0}, "--udp-timeout must be positive"),
-        ({"userspace_max_connections": 0}, "max connections"),
+        ({"userspace_max_connections": 0}, "--userspace-max-connections must be at least 1"),
         ({"userspace_connect_retries": 0}, "connect retries"),
     ],
     ids=["loopback", "garbage", "ipv6", "udp-timeout", "max-connections", "retries"],
@@ -390,6 +390,25 @@ def deps(**cfg) -> ModeDeps:
 def test_bad_options_say_what_to_fix(cfg, message):
     with pytest.raises(UserspaceConfigError, match=message):
         UserspaceOptions.from_deps(deps(**cfg))
+
+
+@pytest.mark.parametrize(
+    "argv,max_connections,udp_timeout",
+    [([], 10000, 0.25), (["--userspace-max-connections", "50", "--udp-timeout", "2s"], 50, 2.0)],
+    ids=["defaults", "flags"],
+)
+def test_kubelab_proxy_flags_reach_the_relay_options(argv, max_connections, udp_timeout):
+    import argparse
+
+    from kubelab.proxy import cli as proxy_cli
+
+    parser = argparse.ArgumentParser()
+    proxy_cli.add_arguments(parser)
+    config = proxy_cli.build_config(parser.parse_args(["--proxy-mode", "userspace", *argv]))
+    d = deps()
+    d.config = config
+    options = UserspaceOptions.from_deps(d).driver
+    assert (options.max_connections, options.udp_idle_timeout) == (max_connections, udp_timeout)
 
 
 def test_host_ip_skips_loopback_and_link_local():

@@ -183,7 +183,7 @@ class Relay:
             self._at_limit = True
             self.stats.limit_pauses += 1
             self.log.warning(
-                "userspace: connection limit reached: %d connections open (userspace_max_connections=%d); "
+                "userspace: connection limit reached: %d connections open (--userspace-max-connections %d); "
                 "listeners stop accepting and new connections wait in the kernel backlog until some close. "
                 "Raise the limit if this is normal load.",
                 self.active,
@@ -300,7 +300,7 @@ class TcpServicePort:
                     # listener that stays readable.
                     relay.log.error(
                         "userspace: accept on %s failed: %s; pausing this listener for 100 ms "
-                        "(raise the open-files limit or lower userspace_max_connections)",
+                        "(raise the open-files limit or lower --userspace-max-connections)",
                         self.name,
                         e,
                     )

@@ -78,7 +78,7 @@ class UserspaceOptions:
         if cfg.udp_idle_timeout <= 0:
             raise UserspaceConfigError(f"--udp-timeout must be positive, got {cfg.udp_idle_timeout}")
         if cfg.userspace_max_connections < 1:
-            raise UserspaceConfigError(f"userspace max connections must be at least 1, got {cfg.userspace_max_connections}")
+            raise UserspaceConfigError(f"--userspace-max-connections must be at least 1, got {cfg.userspace_max_connections}")
         if cfg.userspace_connect_retries < 1:
             raise UserspaceConfigError(f"userspace connect retries must be at least 1, got {cfg.userspace_connect_retries}")
         driver = DriverOptions(
@@ -213,9 +213,9 @@ class UserspaceProxier(Dataplane):
             raise RuntimeError("userspace cleanup failed: " + "; ".join(errors))
 
     def _raise_fd_limit(self) -> None:
-        # A relayed connection holds 2 sockets and 2 pipes (4 fds); kube-proxy
-        # raised RLIMIT_NOFILE to 64000 for the same reason.
-        # Each relayed connection holds 6 fds (2 sockets, 2 pipes); keep 1024 spare.
+        # Each relayed connection holds up to 6 fds (2 sockets, 2 pipes of 2
+        # fds each); keep 1024 spare.  kube-proxy raised RLIMIT_NOFILE to
+        # 64000 for the same reason.
         want = self.options.driver.max_connections * 6 + 1024
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft >= want:
@@ -234,7 +234,7 @@ class UserspaceProxier(Dataplane):
         self.log.warning(
             "userspace: the open-files limit is %d (and cannot be raised here), too low for %d connections; "
             "limiting relayed connections to %d. Raise the hard limit (ulimit -Hn, LimitNOFILE=) "
-            "or lower userspace_max_connections.",
+            "or lower --userspace-max-connections.",
             soft, self.options.driver.max_connections, fits,
         )
         self.options = replace(self.options, driver=replace(self.options.driver, max_connections=fits))
