@@ -17,7 +17,8 @@ kubernetes_asyncio sends.  What it does like a real kube-apiserver:
   compacted), N without = not older than; for watch, unset/"0" = synthetic
   ADDED for the current state then changes, N = changes after N, or one
   ERROR event (410 Expired) when N is compacted.
-* chunked watch streams of ``{"type": ..., "object": ...}`` lines: ADDED,
+* chunked watch streams of ``{"type": ..., "object": ...}`` lines (with
+  ``trickle=N`` each line is cut into N-byte chunks written apart): ADDED,
   MODIFIED, DELETED, BOOKMARK (only with ``allowWatchBookmarks=true``),
   ERROR; an object leaving a label selector arrives as DELETED, one entering
   it as ADDED, as the watch cache does; ``timeoutSeconds`` ends the stream
@@ -161,6 +162,7 @@ class FakeAPIServer:
         host: str = "127.0.0.1",
         expired_watch: str = "event",  # "event": 200 + ERROR event (watch cache); "http": a 410 response (etcd)
         minor: int = 32,  # the Kubernetes 1.x it behaves as (what field selectors it knows)
+        trickle: int = 0,  # >0: write watch events this many bytes per chunk (a slow, fragmented stream)
     ) -> None:
         self.store = Store()
         self.endpoint_slices = endpoint_slices
@@ -172,6 +174,7 @@ class FakeAPIServer:
         self.host = host
         self.expired_watch = expired_watch
         self.minor = minor
+        self.trickle = trickle
         self.port = 0
         self.requests: list[RequestRecord] = []
         self.violations: list[str] = []
@@ -669,11 +672,11 @@ class FakeAPIServer:
                 await resp.write_eof()
                 return resp
             for obj in initial:
-                await resp.write(self._event_line("ADDED", obj))
+                await self._send(resp, self._event_line("ADDED", obj))
             for change in replay:
                 line = self._change_line(watcher, change)
                 if line:
-                    await resp.write(line)
+                    await self._send(resp, line)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             next_bookmark = loop.time() + self.bookmark_interval
@@ -686,7 +689,7 @@ class FakeAPIServer:
                     what, arg = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
                 except asyncio.TimeoutError:
                     if bookmarks and loop.time() >= next_bookmark:
-                        await resp.write(self._bookmark_line(rtype))
+                        await self._send(resp, self._bookmark_line(rtype))
                         next_bookmark = loop.time() + self.bookmark_interval
                     continue
                 if what == "close":
@@ -698,11 +701,11 @@ class FakeAPIServer:
                     return resp
                 if what == "bookmark":
                     if bookmarks:
-                        await resp.write(self._bookmark_line(rtype))
+                        await self._send(resp, self._bookmark_line(rtype))
                     continue
                 line = self._change_line(watcher, arg)
                 if line:
-                    await resp.write(line)
+                    await self._send(resp, line)
             with contextlib.suppress(ConnectionResetError, RuntimeError):
                 await resp.write_eof()
             return resp
@@ -710,6 +713,15 @@ class FakeAPIServer:
             raise
         finally:
             self._watchers.discard(watcher)
+
+    async def _send(self, resp: web.StreamResponse, line: bytes) -> None:
+        """Write one watch event: whole, or ``trickle`` bytes per HTTP chunk with a pause between."""
+        if not self.trickle:
+            await resp.write(line)
+            return
+        for i in range(0, len(line), self.trickle):
+            await resp.write(line[i:i + self.trickle])
+            await asyncio.sleep(0.001)
 
     @staticmethod
     def _event_line(type_: str, obj: dict) -> bytes:

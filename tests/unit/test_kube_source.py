@@ -315,7 +315,46 @@ def test_server_side_watch_timeout_rewatches_without_relisting(tmp_path):
     run(main())
 
 
+def test_fragmented_watch_stream(tmp_path):
+    """Events cut into 7-byte HTTP chunks written apart are reassembled, none lost or doubled."""
+
+    async def main():
+        async with FakeAPIServer(trickle=7) as api:
+            api.apply(service("a", "10.96.4.20"))
+            src, rec = make_source(api, tmp_path, endpoint_slices=False)
+            async with running(src):
+                await api.wait_for(lambda: src.synced, what="synced")
+                await api.wait_for(lambda: api.watching("services") == 1, what="the services watch")
+                for port in range(81, 86):
+                    api.apply(service("a", "10.96.4.20", port=port))
+                api.apply(service("b", "10.96.4.21"))
+                api.delete("Service", "default", "a")
+                await api.wait_for(lambda: rec.names("on_service_delete") == ["a"], what="the delete")
+                assert rec.count("on_service_update") == 5 and rec.names("on_service_add") == ["a", "b"]
+                assert src.reflectors["services"].watches == 1 and src.errors == {}
+
+    run(main())
+
+
 # ---------------------------------------------------------------- errors and back-off
+
+
+def test_slow_list_times_out_and_is_retried(tmp_path, caplog):
+    """A list slower than the request timeout is abandoned and retried (after a back-off), then syncs."""
+
+    async def main():
+        async with FakeAPIServer() as api:
+            api.apply(service("a", "10.96.5.10"))
+            api.inject(status=None, op="list", path="/services", delay=3.0)
+            src, rec = make_source(api, tmp_path, endpoint_slices=False, request_timeout=0.5)
+            async with running(src):
+                await api.wait_for(lambda: src.synced, what="synced after the slow list")
+            assert rec.names("on_service_add") == ["a"]
+            assert len(api.requests_for(op="list", path="/services")) == 2
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert "list failed" in caplog.text and "Timeout" in caplog.text
 
 
 def test_errors_back_off_with_jitter_and_honour_retry_after(tmp_path):
