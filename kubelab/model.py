@@ -258,12 +258,22 @@ class NodeAddress:
 
 
 @dataclass(frozen=True)
+class Taint:
+    """One ``spec.taints`` entry of a Node (kube-proxy's /healthz fails on ToBeDeletedByClusterAutoscaler)."""
+
+    key: str
+    value: str = ""
+    effect: str = ""  # NoSchedule | PreferNoSchedule | NoExecute
+
+
+@dataclass(frozen=True)
 class Node:
     """A core/v1 Node."""
 
     meta: ObjectMeta
     addresses: tuple[NodeAddress, ...] = ()
     pod_cidrs: tuple[str, ...] = ()
+    taints: tuple[Taint, ...] = ()
 
     @property
     def name(self) -> str:

@@ -64,6 +64,7 @@ from kubelab.model import (
     Service,
     ServicePortSpec,
     SliceEndpoint,
+    Taint,
 )
 
 __all__ = [
@@ -1253,6 +1254,7 @@ def _parse_pod(ctx: _Ctx, d: dict) -> Pod:
 # -- Node --------------------------------------------------------------------
 
 _NODE_ADDRESS_TYPES = ("ExternalDNS", "ExternalIP", "Hostname", "InternalDNS", "InternalIP")
+_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 def _parse_node(ctx: _Ctx, d: dict) -> Node:
@@ -1283,7 +1285,25 @@ def _parse_node(ctx: _Ctx, d: dict) -> Node:
         elif typ in ("InternalIP", "ExternalIP"):
             ctx.ip((*P, "address"), addr, special_ok=True)
         addresses.append(NodeAddress(type=typ, address=addr))
-    return Node(meta=meta, addresses=tuple(addresses), pod_cidrs=tuple(cidrs))
+    taints = []
+    for i, rt in enumerate(ctx.items(spec, "taints", ("spec", "taints"))):
+        P = ("spec", "taints", i)
+        rt = ctx.item_mapping(rt, P)
+        if rt is None:
+            continue
+        key = ctx.string(rt, "key", (*P, "key"))
+        value = ctx.string(rt, "value", (*P, "value"))
+        effect = ctx.string(rt, "effect", (*P, "effect"))
+        if not key:
+            ctx.required((*P, "key"))
+        else:
+            ctx.names((*P, "key"), key, qualified_name_errors)
+        if value:
+            ctx.names((*P, "value"), value, label_value_errors)
+        if effect not in _TAINT_EFFECTS:
+            ctx.not_supported((*P, "effect"), effect, _TAINT_EFFECTS)
+        taints.append(Taint(key=key, value=value, effect=effect))
+    return Node(meta=meta, addresses=tuple(addresses), pod_cidrs=tuple(cidrs), taints=tuple(taints))
 
 
 _PARSERS = {

@@ -14,9 +14,10 @@ import socket
 import aiohttp
 import pytest
 
-from kubelab.model import Node, ObjectMeta
+from kubelab.model import Node, ObjectMeta, Origin, Taint
 from kubelab.proxy.config import ProxyConfig
 from kubelab.proxy.health import MetricsServer, ProxierHealthServer, ServiceHealthServer, go_time, split_host_port
+from kubelab.proxy.objects import parse_object
 from kubelab.proxy.metrics import NETWORK_PROGRAMMING_BUCKETS, SYNC_BUCKETS, ProxyMetrics
 
 
@@ -123,6 +124,14 @@ async def test_proxier_health_rule_and_body():
         status, _, body = await get(base + "/healthz")
         assert status == 503 and json.loads(body)["nodeEligible"] is False
         assert (await get(base + "/livez"))[0] == 200
+        # The cluster autoscaler's taint (parsed from a real Node manifest) does the same; untainted is eligible again.
+        tainted = parse_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}, "spec": {"taints": [
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1714644000", "effect": "NoSchedule"}]}}, Origin("n.yaml", 1))
+        hs.sync_node(tainted)
+        assert not hs.node_eligible
+        hs.sync_node(Node(meta=ObjectMeta(name="n", namespace=""), taints=(Taint("other", "", "NoSchedule"),)))
+        assert hs.node_eligible
+        hs.sync_node(tainted)
         assert m.value("kubeproxy_proxy_healthz_total", {"code": "503"}) == 2
         assert m.value("kubeproxy_proxy_healthz_total", {"code": "200"}) == 2
         assert m.value("kubeproxy_proxy_livez_total", {"code": "503"}) == 2

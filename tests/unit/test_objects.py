@@ -31,6 +31,7 @@ from kubelab.model import (
     Pod,
     Service,
     ServicePortSpec,
+    Taint,
 )
 from kubelab.proxy.objects import (
     MIRRORING_MANAGED_BY,
@@ -273,6 +274,14 @@ FIELD_CASES = [
     ("node-pod-cidrs", deep_merge(NODE, {"spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:244:1::/64"]}}),
      "pod_cidrs", ("10.244.1.0/24", "fd00:244:1::/64")),
     ("node-pod-cidr-singular", deep_merge(NODE, {"spec": {"podCIDR": "10.244.1.0/24"}}), "pod_cidrs", ("10.244.1.0/24",)),
+    ("node-no-taints", NODE, "taints", ()),
+    ("node-taints", deep_merge(NODE, {"spec": {"taints": [
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1714644000", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule", "timeAdded": "2024-05-02T10:00:00Z"}]}}),
+     "taints", (Taint("ToBeDeletedByClusterAutoscaler", "1714644000", "NoSchedule"),
+                Taint("node.kubernetes.io/unschedulable", "", "NoSchedule"))),
+    ("node-deleting", deep_merge(NODE, {"metadata": {"deletionTimestamp": "2024-05-02T10:00:00Z"}}),
+     "meta.deletion_timestamp", "2024-05-02T10:00:00Z"),
 ]
 
 
@@ -489,6 +498,12 @@ ERROR_CASES = [
     ("node-bad-pod-cidr", deep_merge(NODE, {"spec": {"podCIDRs": ["10.244.1.0/33"]}}), "spec.podCIDRs[0]", "valid CIDR"),
     ("node-bad-internal-ip", deep_merge(NODE, {"status": {"addresses": [{"type": "InternalIP", "address": "node-a"}]}}),
      "status.addresses[0].address", "valid IP address"),
+    ("node-taint-no-key", deep_merge(NODE, {"spec": {"taints": [{"effect": "NoSchedule"}]}}), "spec.taints[0].key",
+     "Required value"),
+    ("node-taint-bad-effect", deep_merge(NODE, {"spec": {"taints": [{"key": "a", "effect": "NoRun"}]}}),
+     "spec.taints[0].effect", 'Unsupported value: "NoRun": supported values: "NoSchedule", "PreferNoSchedule", "NoExecute"'),
+    ("node-taint-bad-key", deep_merge(NODE, {"spec": {"taints": [{"key": "-a", "effect": "NoSchedule"}]}}),
+     "spec.taints[0].key", "name part"),
     ("node-bad-address-type", deep_merge(NODE, {"status": {"addresses": [{"type": "PublicIP", "address": "203.0.113.1"}]}}),
      "status.addresses[0].type", 'Unsupported value: "PublicIP"'),
 ]

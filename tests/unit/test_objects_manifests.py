@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelab.model import EndpointPort, EndpointSlice, LoadBalancerIngress, Node, Pod, Service, ServicePortSpec
+from kubelab.model import EndpointPort, EndpointSlice, LoadBalancerIngress, Node, Pod, Service, ServicePortSpec, Taint
 from kubelab.proxy.objects import (
     find_manifest_files,
     is_manifest_file,
@@ -426,6 +426,340 @@ metadata:
 """
 
 
+# `kubectl get endpointslice -n default -l kubernetes.io/service-name=echo -o yaml`
+# as a real cluster prints it: ownerReferences, managedFields, the trigger-time
+# annotation, targetRefs, hints, an endpoint being terminated.
+KUBECTL_SLICE_LIST = """\
+apiVersion: v1
+items:
+- addressType: IPv4
+  apiVersion: discovery.k8s.io/v1
+  endpoints:
+  - addresses:
+    - 10.244.1.7
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    hints:
+      forZones:
+      - name: zone-a
+    nodeName: node-a
+    targetRef:
+      kind: Pod
+      name: echo-6d4cf56db6-2xk9q
+      namespace: default
+      uid: 7c1e2a55-0b9d-4f3e-a8c4-1d2e3f4a5b6c
+    zone: zone-a
+  - addresses:
+    - 10.244.2.9
+    conditions:
+      ready: false
+      serving: true
+      terminating: true
+    hints:
+      forZones:
+      - name: zone-b
+    nodeName: node-b
+    targetRef:
+      kind: Pod
+      name: echo-6d4cf56db6-8p7rd
+      namespace: default
+      uid: 0f9e8d7c-6b5a-4c3d-9e2f-1a0b9c8d7e6f
+    zone: zone-b
+  kind: EndpointSlice
+  metadata:
+    annotations:
+      endpoints.kubernetes.io/last-change-trigger-time: "2024-05-02T10:00:03Z"
+    creationTimestamp: "2024-05-02T10:00:00Z"
+    generateName: echo-
+    generation: 4
+    labels:
+      app: echo
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+      kubernetes.io/service-name: echo
+      service.kubernetes.io/headless: ""
+    managedFields:
+    - apiVersion: discovery.k8s.io/v1
+      fieldsType: FieldsV1
+      fieldsV1:
+        f:addressType: {}
+        f:endpoints: {}
+        f:metadata:
+          f:annotations:
+            .: {}
+            f:endpoints.kubernetes.io/last-change-trigger-time: {}
+          f:generateName: {}
+          f:ownerReferences:
+            .: {}
+            k:{"uid":"2f4c6e8a-1b3d-4f5a-9c7e-0d2b4f6a8c1e"}: {}
+        f:ports: {}
+      manager: kube-controller-manager
+      operation: Update
+      time: "2024-05-02T10:00:03Z"
+    name: echo-x7k2p
+    namespace: default
+    ownerReferences:
+    - apiVersion: v1
+      blockOwnerDeletion: true
+      controller: true
+      kind: Service
+      name: echo
+      uid: 2f4c6e8a-1b3d-4f5a-9c7e-0d2b4f6a8c1e
+    resourceVersion: "9034"
+    uid: 5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d
+  ports:
+  - name: ""
+    port: 8080
+    protocol: TCP
+kind: List
+metadata:
+  resourceVersion: ""
+"""
+
+# `kubectl get endpoints legacy -o yaml` (core/v1, deprecated since 1.33, as
+# the API server still returns it, warning header aside).
+KUBECTL_ENDPOINTS = """\
+apiVersion: v1
+kind: Endpoints
+metadata:
+  annotations:
+    endpoints.kubernetes.io/last-change-trigger-time: "2024-05-02T10:05:00Z"
+  creationTimestamp: "2024-05-02T09:30:00Z"
+  labels:
+    app: legacy
+  name: legacy
+  namespace: default
+  resourceVersion: "9120"
+  uid: 1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e
+subsets:
+- addresses:
+  - ip: 10.244.1.30
+    nodeName: node-a
+    targetRef:
+      kind: Pod
+      name: legacy-0
+      namespace: default
+      uid: 6e5d4c3b-2a19-4f8e-b7d6-c5b4a3928170
+  notReadyAddresses:
+  - ip: 10.244.2.30
+    nodeName: node-b
+    targetRef:
+      kind: Pod
+      name: legacy-1
+      namespace: default
+      uid: 9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d
+  ports:
+  - name: pg
+    port: 5432
+    protocol: TCP
+"""
+
+# `kubectl get pod echo-6d4cf56db6-2xk9q -o yaml`, untrimmed.
+KUBECTL_POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  creationTimestamp: "2024-05-02T10:00:00Z"
+  generateName: echo-6d4cf56db6-
+  labels:
+    app: echo
+    pod-template-hash: 6d4cf56db6
+  name: echo-6d4cf56db6-2xk9q
+  namespace: default
+  ownerReferences:
+  - apiVersion: apps/v1
+    blockOwnerDeletion: true
+    controller: true
+    kind: ReplicaSet
+    name: echo-6d4cf56db6
+    uid: 4d3c2b1a-0f9e-4d8c-b7a6-958473625140
+  resourceVersion: "9010"
+  uid: 7c1e2a55-0b9d-4f3e-a8c4-1d2e3f4a5b6c
+spec:
+  containers:
+  - args:
+    - netexec
+    - --http-port=8080
+    image: registry.k8s.io/e2e-test-images/agnhost:2.47
+    imagePullPolicy: IfNotPresent
+    name: agnhost
+    ports:
+    - containerPort: 8080
+      name: http
+      protocol: TCP
+    readinessProbe:
+      failureThreshold: 3
+      httpGet:
+        path: /healthz
+        port: http
+        scheme: HTTP
+      periodSeconds: 10
+      successThreshold: 1
+      timeoutSeconds: 1
+    resources: {}
+    terminationMessagePath: /dev/termination-log
+    terminationMessagePolicy: File
+    volumeMounts:
+    - mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      name: kube-api-access-5w2xq
+      readOnly: true
+  dnsPolicy: ClusterFirst
+  enableServiceLinks: true
+  hostname: echo-0
+  nodeName: node-a
+  preemptionPolicy: PreemptLowerPriority
+  priority: 0
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  securityContext: {}
+  serviceAccount: default
+  serviceAccountName: default
+  subdomain: echo-headless
+  terminationGracePeriodSeconds: 30
+  tolerations:
+  - effect: NoExecute
+    key: node.kubernetes.io/not-ready
+    operator: Exists
+    tolerationSeconds: 300
+  volumes:
+  - name: kube-api-access-5w2xq
+    projected:
+      defaultMode: 420
+      sources:
+      - serviceAccountToken:
+          expirationSeconds: 3607
+          path: token
+status:
+  conditions:
+  - lastProbeTime: null
+    lastTransitionTime: "2024-05-02T10:00:02Z"
+    status: "True"
+    type: PodReadyToStartContainers
+  - lastProbeTime: null
+    lastTransitionTime: "2024-05-02T10:00:00Z"
+    status: "True"
+    type: Initialized
+  - lastProbeTime: null
+    lastTransitionTime: "2024-05-02T10:00:03Z"
+    status: "True"
+    type: Ready
+  - lastProbeTime: null
+    lastTransitionTime: "2024-05-02T10:00:03Z"
+    status: "True"
+    type: ContainersReady
+  - lastProbeTime: null
+    lastTransitionTime: "2024-05-02T10:00:00Z"
+    status: "True"
+    type: PodScheduled
+  containerStatuses:
+  - containerID: containerd://3b8f0d2c9a7e6f5d4c3b2a190817263544536271809a8b7c6d5e4f3a2b1c0d9e
+    image: registry.k8s.io/e2e-test-images/agnhost:2.47
+    imageID: registry.k8s.io/e2e-test-images/agnhost@sha256:7e8bdd271312fd25fc5ff5a8f04727be84044eb3d7d8d03611972a6752e2e11e
+    lastState: {}
+    name: agnhost
+    ready: true
+    restartCount: 0
+    started: true
+    state:
+      running:
+        startedAt: "2024-05-02T10:00:01Z"
+  hostIP: 192.168.200.11
+  hostIPs:
+  - ip: 192.168.200.11
+  phase: Running
+  podIP: 10.244.1.7
+  podIPs:
+  - ip: 10.244.1.7
+  qosClass: BestEffort
+  startTime: "2024-05-02T10:00:00Z"
+"""
+
+# `kubectl get node node-a -o yaml`, untrimmed (a node being drained by the
+# cluster autoscaler: the taint kube-proxy's /healthz looks for).
+KUBECTL_NODE = """\
+apiVersion: v1
+kind: Node
+metadata:
+  annotations:
+    kubeadm.alpha.kubernetes.io/cri-socket: unix:///run/containerd/containerd.sock
+    node.alpha.kubernetes.io/ttl: "0"
+    volumes.kubernetes.io/controller-managed-attach-detach: "true"
+  creationTimestamp: "2024-05-02T09:14:03Z"
+  labels:
+    beta.kubernetes.io/arch: amd64
+    beta.kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    kubernetes.io/hostname: node-a
+    kubernetes.io/os: linux
+    node.kubernetes.io/exclude-from-external-load-balancers: ""
+    topology.kubernetes.io/region: region-1
+    topology.kubernetes.io/zone: zone-a
+  name: node-a
+  resourceVersion: "9500"
+  uid: 3f1f6c1e-4a3a-4a8e-9b0e-0d1c5a2b7e11
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs:
+  - 10.244.1.0/24
+  providerID: kind://docker/kind/node-a
+  taints:
+  - effect: NoSchedule
+    key: ToBeDeletedByClusterAutoscaler
+    value: "1714644000"
+status:
+  addresses:
+  - address: 192.168.200.11
+    type: InternalIP
+  - address: node-a
+    type: Hostname
+  allocatable:
+    cpu: "2"
+    ephemeral-storage: 61202244Ki
+    hugepages-2Mi: "0"
+    memory: 8025424Ki
+    pods: "110"
+  capacity:
+    cpu: "2"
+    ephemeral-storage: 61202244Ki
+    hugepages-2Mi: "0"
+    memory: 8025424Ki
+    pods: "110"
+  conditions:
+  - lastHeartbeatTime: "2024-05-02T10:01:12Z"
+    lastTransitionTime: "2024-05-02T09:14:03Z"
+    message: kubelet has sufficient memory available
+    reason: KubeletHasSufficientMemory
+    status: "False"
+    type: MemoryPressure
+  - lastHeartbeatTime: "2024-05-02T10:01:12Z"
+    lastTransitionTime: "2024-05-02T09:14:33Z"
+    message: kubelet is posting ready status
+    reason: KubeletReady
+    status: "True"
+    type: Ready
+  daemonEndpoints:
+    kubeletEndpoint:
+      Port: 10250
+  images:
+  - names:
+    - registry.k8s.io/e2e-test-images/agnhost@sha256:7e8bdd271312fd25fc5ff5a8f04727be84044eb3d7d8d03611972a6752e2e11e
+    - registry.k8s.io/e2e-test-images/agnhost:2.47
+    sizeBytes: 51190137
+  nodeInfo:
+    architecture: amd64
+    bootID: 0e4f5a6b-7c8d-4e9f-a0b1-c2d3e4f5a6b7
+    containerRuntimeVersion: containerd://1.7.15
+    kernelVersion: 6.1.0-21-amd64
+    kubeProxyVersion: v1.30.0
+    kubeletVersion: v1.30.0
+    machineID: 3c2b1a0f9e8d4c7bb6a5948372615049
+    operatingSystem: linux
+    osImage: Debian GNU/Linux 12 (bookworm)
+    systemUUID: 3c2b1a0f-9e8d-4c7b-b6a5-948372615049
+"""
+
+
 DOCS_CASES = [
     ("service-simple", DOCS_SERVICE_SIMPLE,
      lambda o: o[0].ports == (ServicePortSpec(80, "TCP", "", 9376),) and o[0].selector == {"app.kubernetes.io/name": "MyApp"}
@@ -456,6 +790,28 @@ DOCS_CASES = [
     ("kubectl-svc-list", KUBECTL_SVC_LIST, lambda o: [s.name for s in o] == ["kubernetes", "echo"]
      and o[0].ports[0].target_port == 6443 and o[1].health_check_node_port == 31555
      and o[1].external_traffic_policy == "Local" and o[1].load_balancer_ingress[0].ip == "203.0.113.40"),
+    ("kubectl-slice-list", KUBECTL_SLICE_LIST, lambda o: [(s.name, s.service_name) for s in o] == [("echo-x7k2p", "echo")]
+     and o[0].ports == (EndpointPort(8080, "TCP", ""),)
+     and [(e.addresses, e.conditions.ready, e.conditions.serving, e.conditions.terminating, e.node_name, e.zone,
+           e.hints_for_zones, e.target_ref.name) for e in o[0].endpoints] == [
+         (("10.244.1.7",), True, True, False, "node-a", "zone-a", ("zone-a",), "echo-6d4cf56db6-2xk9q"),
+         (("10.244.2.9",), False, True, True, "node-b", "zone-b", ("zone-b",), "echo-6d4cf56db6-8p7rd")]
+     and o[0].meta.annotations["endpoints.kubernetes.io/last-change-trigger-time"] == "2024-05-02T10:00:03Z"
+     and o[0].meta.labels["service.kubernetes.io/headless"] == ""),
+    ("kubectl-endpoints", KUBECTL_ENDPOINTS, lambda o: [s.service_name for s in o] == ["legacy"]
+     and [(e.addresses, e.conditions.ready, e.node_name, e.target_ref.name) for e in o[0].endpoints] == [
+         (("10.244.1.30",), True, "node-a", "legacy-0"), (("10.244.2.30",), False, "node-b", "legacy-1")]
+     and o[0].ports == (EndpointPort(5432, "TCP", "pg"),)
+     # the mirroring controller copies every annotation but these two (endpointslicemirroring)
+     and "endpoints.kubernetes.io/last-change-trigger-time" not in o[0].meta.annotations),
+    ("kubectl-pod", KUBECTL_POD, lambda o: isinstance(o[0], Pod) and o[0].pod_ips == ("10.244.1.7",)
+     and o[0].host_ip == "192.168.200.11" and o[0].hostname == "echo-0" and o[0].subdomain == "echo-headless"
+     and o[0].node_name == "node-a" and o[0].phase == "Running" and o[0].ready
+     and [(p.name, p.port) for p in o[0].ports] == [("http", 8080)]),
+    ("kubectl-node", KUBECTL_NODE, lambda o: isinstance(o[0], Node) and o[0].zone == "zone-a"
+     and [(a.type, a.address) for a in o[0].addresses] == [("InternalIP", "192.168.200.11"), ("Hostname", "node-a")]
+     and o[0].pod_cidrs == ("10.244.1.0/24",)
+     and o[0].taints == (Taint("ToBeDeletedByClusterAutoscaler", "1714644000", "NoSchedule"),)),
 ]
 
 
