@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 DESCRIPTION = """\
 Capture one request from a pod (or node, or the external client) to a
@@ -11,8 +12,9 @@ Service of a running lab, and show it hop by hop: the client's packet to the
 cluster IP, where its destination was rewritten to a backend (DNAT), its
 source rewritten when masqueraded (SNAT), and the reply rewritten back.
 Captures with scapy inside every namespace on the way (the source, every
-node, every backend pod); --pcap writes them all to one pcapng file, one
-interface per capture point (named WHERE/IFACE, namespace in the comments).
+node, every backend pod) and writes them all to one pcapng file, one
+interface per capture point (named WHERE/IFACE, namespace in the comments):
+./trace-LAB-YYYYmmdd-HHMMSS.pcapng unless --pcap FILE or --no-pcap.
 The request is made with a real client (nc; dig for port 53) from a source
 port chosen here.  Needs root and a lab that is up (`kubelab lab up`)."""
 
@@ -35,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: its first port of --proto")
     parser.add_argument("--proto", choices=("tcp", "udp"), default=None,
                         help="protocol of the Service port (default: tcp if it has one, else udp)")
-    parser.add_argument("--pcap", metavar="FILE", help="write every capture to FILE (pcapng)")
+    pcap = parser.add_mutually_exclusive_group()
+    pcap.add_argument("--pcap", metavar="FILE",
+                      help="write every capture to FILE (pcapng; default ./trace-LAB-YYYYmmdd-HHMMSS.pcapng)")
+    pcap.add_argument("--no-pcap", action="store_true", help="write no pcap file")
     parser.add_argument("--sport", type=int, default=None, help="client source port (default: random 40000-59999)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds the client waits for an answer (default 5)")
     parser.add_argument("--verbose", "-v", action="store_true", help="list every sighting of every packet")
@@ -49,6 +54,11 @@ def split_target(text: str) -> tuple[str, str | None]:
     if not name or not port:
         raise ValueError(f"--to {text!r}: write SERVICE or SERVICE:PORT, e.g. web:80 or kube-system/kube-dns:53")
     return name, port
+
+
+def default_pcap_path(lab: str, now: float | None = None) -> str:
+    """``trace-LAB-YYYYmmdd-HHMMSS.pcapng`` in the current directory (UTC time)."""
+    return time.strftime(f"trace-{lab}-%Y%m%d-%H%M%S.pcapng", time.gmtime(now))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(format_trace(result, verbose=args.verbose))
-    if args.pcap:
-        n = write_pcap(result, args.pcap)
-        print(f"pcap: {args.pcap} ({n} frames from {len(result.points)} capture points)")
+    path = None if args.no_pcap else args.pcap or default_pcap_path(args.lab)
+    if path and result.packets:
+        n = write_pcap(result, path)
+        print(f"pcap: {path} ({n} frames from {len(result.points)} capture points; read with tcpdump -r {path} -n)")
     if not result.packets:
         print("error: nothing of the flow was captured; is the lab's proxy running? (`kubelab lab status`)", file=sys.stderr)
         return 1

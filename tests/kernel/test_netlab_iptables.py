@@ -4,7 +4,8 @@ Addresses (inside the lab's own namespaces only): pod CIDR 10.244.0.0/16
 (node1 10.244.0.0/24, node2 10.244.1.0/24), service CIDR 10.96.0.0/12
 (kube-dns 10.96.0.10, others allocated from 10.96.0.2), underlay
 172.18.0.0/24 (node1 .10, node2 .11, external client .254), node ports from
-30000.
+30000; examples/labs/more-services.yaml's externalIP 192.0.2.10 and
+LoadBalancer IP 192.0.2.20 (routed from the external client to node1).
 """
 
 from __future__ import annotations
@@ -85,6 +86,30 @@ def test_udp_through_clusterip(lab):
     assert rest == "ping\n"
 
 
+def test_example_more_services_apply_through_the_cli(lab):
+    """`kubelab lab apply LAB examples/labs/more-services.yaml`, then every path it advertises."""
+    more = ROOT / "examples" / "labs" / "more-services.yaml"
+    kl = [sys.executable, "-m", "kubelab", "lab"]
+    r = subprocess.run(kl + ["apply", lab.name, str(more)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "service/default/web-public configured" in r.stdout, r
+    try:
+        lab.wait_synced(timeout=60)
+        echo_ip = lab.service_ip("default/echo")
+        r = lab.exec("client", ["sh", "-c", "printf 'hi\\n' | nc -N -w 5 echo 9000"], timeout=15)
+        assert r.stdout.startswith("pod=echo-") and r.stdout.endswith("hi\n"), r
+        r = lab.exec("client", ["sh", "-c", f"printf 'ping\\n' | nc -u -w 2 {echo_ip} 9001"], timeout=15)
+        assert r.stdout.startswith("pod=echo-") and r.stdout.endswith("ping\n"), r
+        for ip in ("192.0.2.10", "192.0.2.20"):  # externalIP, LoadBalancer ingress IP: from outside the cluster
+            r = lab.exec("external", ["curl", "-sS", "--max-time", "5", f"http://{ip}/"], timeout=15)
+            assert r.stdout.startswith("pod=web-"), (ip, r)
+    finally:
+        r = subprocess.run(kl + ["delete", lab.name, "deployment/echo", "service/echo", "service/web-public", "--now"],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r
+    assert "default/echo" not in lab.state()["services"] and not lab.pods({"app": "echo"})
+    lab.wait_synced(timeout=60)
+
+
 def test_applied_service_works_after_wait_synced(lab, tmp_path):
     extra = tmp_path / "more.yaml"
     extra.write_text(
@@ -114,11 +139,16 @@ TRACE_CASES = [
 @pytest.mark.parametrize("source,to,proto,named,absent", TRACE_CASES)
 def test_trace_shows_the_clusterip_dnat(lab, tmp_path, source, to, proto, named, absent):
     pcap = tmp_path / "trace.pcapng"
+    # The UDP case relies on the default pcap file (./trace-LAB-TIME.pcapng, here in tmp_path).
+    named_pcap = ["--pcap", str(pcap)] if proto == "tcp" else []
     r = subprocess.run(
-        [sys.executable, "-m", "kubelab", "trace", lab.name, "--from", source, "--to", to, "--proto", proto, "--pcap", str(pcap)],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "kubelab", "trace", lab.name, "--from", source, "--to", to, "--proto", proto, *named_pcap],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr + r.stdout
+    if not named_pcap:
+        (pcap,) = tmp_path.glob(f"trace-{lab.name}-*.pcapng")
+    assert f"pcap: {pcap.name if not named_pcap else pcap} (" in r.stdout, r.stdout
     out = r.stdout
     cip = lab.service_ip("default/web")
     src = lab.address(source)

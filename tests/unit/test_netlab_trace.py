@@ -21,7 +21,7 @@ from kubelab.netlab.trace import (
     format_trace,
     write_pcap,
 )
-from kubelab.netlab.trace_cli import split_target
+from kubelab.netlab.trace_cli import default_pcap_path, split_target
 
 CLIENT = "10.244.0.5"
 BACKEND = "10.244.1.7"
@@ -223,3 +223,7 @@ def test_flow_pairs_follow_a_masquerade_that_changed_the_port():
     assert ("TCP", frozenset({("10.244.0.3", 8080), ("10.244.0.1", 56751)})) in pairs
     assert ("TCP", frozenset({(EXTERNAL, 41000), (VIP, 80)})) in pairs
     assert len(pairs) == 2
+
+
+def test_default_pcap_path_names_the_lab_and_utc_time():
+    assert default_pcap_path("basic", 0.0) == "trace-basic-19700101-000000.pcapng"
