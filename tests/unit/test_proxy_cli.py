@@ -402,6 +402,22 @@ def test_help_explains():
         assert text in r.stdout
 
 
+def test_help_explains_every_flag():
+    """Every flag a user can give has a help line that says what it does (and its default, where it has one)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    proxy_cli.add_arguments(parser)
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+    assert len(shown) >= 25
+    for action in shown:
+        flag = action.option_strings[0]
+        assert action.help and len(action.help.split()) >= 6, f"{flag}: help too short: {action.help!r}"
+        if action.type is not None or action.choices:  # takes a value: say the default (or that there is none)
+            assert "default" in action.help or flag in ("--source", "--kubeconfig", "--master", "--context", "--config"), \
+                f"{flag}: no default in {action.help!r}"
+
+
 # ---------------------------------------------------------------- in-process helpers
 
 from kubelab.proxy import cli as proxy_cli  # noqa: E402
