@@ -18,6 +18,22 @@ A runner calls one async function:
 
 Runs never overlap.  An exception from the function is logged and does not
 stop the loop; the caller decides about retries (``retry_after``).
+
+Where kubelab's use differs from kube-proxy's, on purpose (checked against
+``pkg/util/async`` and its successor ``pkg/proxy/runner``):
+
+* burst: kube-proxy's proxiers passed ``burstSyncs = 2`` to the token-bucket
+  runner; the newer ``pkg/proxy/runner`` dropped the burst (strictly one run
+  per ``min_interval`` after completion).  kubelab keeps the burst of 2.
+* periodic run: the iptables proxier's max interval is one hour
+  (``FullSyncPeriod``) and ``--sync-period`` is its retry interval and
+  canary-check period; the IPVS proxier resyncs every ``--sync-period``.
+  kubelab's controller does the latter for every mode (a full sync at least
+  once per ``--sync-period``).
+* retry: kube-proxy retries a failed sync after ``--sync-period``; kubelab's
+  controller backs off from ``--min-sync-period`` doubling up to
+  ``--sync-period`` (see :mod:`kubelab.proxy.controller`), so a transient
+  failure (an xtables lock held by someone else) costs seconds, not 30 s.
 """
 
 from __future__ import annotations
