@@ -352,8 +352,10 @@ class ServicePort:
 
     @property
     def uses_cluster_endpoints(self) -> bool:
-        """Some traffic class (internal, or external with policy Cluster) uses all endpoints."""
-        return not self.internal_policy_local or (self.externally_accessible and not self.external_policy_local)
+        """Some traffic uses all endpoints: internal traffic under policy Cluster, or any external
+        traffic -- even with external policy Local, pod -> external-IP traffic short-circuits to
+        all endpoints (kube-proxy's UsesClusterEndpoints)."""
+        return not self.internal_policy_local or self.externally_accessible
 
     @property
     def uses_local_endpoints(self) -> bool:

@@ -259,6 +259,32 @@ def test_internal_traffic_policy(itp, nodes, output):
     check(Tracer(ipt.tables.dump, NODE_IPS), POD, "172.30.1.1", 80, "REJECT")
 
 
+
+BOTH_LOCAL = tracer_for(
+    make_service("ns1", "svc1", "172.30.0.41", [("p80", 80, "TCP", 3001)], type="LoadBalancer", etp="Local",
+                 itp="Local", external_ips=[EXT_IP], lb_ips=["1.2.3.4"], health_check_node_port=30000),
+    make_slice("ns1", "svc1", ["10.180.0.1", ep("10.180.2.1", H)]),
+)
+
+
+@pytest.mark.parametrize(
+    "src,dst,port,output,masq",
+    [
+        (POD, "172.30.0.41", 80, "10.180.2.1:80", False),
+        (POD, EXT_IP, 80, "10.180.0.1:80, 10.180.2.1:80", False),
+        (POD, "1.2.3.4", 80, "10.180.0.1:80, 10.180.2.1:80", False),
+        (EXT, EXT_IP, 80, "10.180.2.1:80", False),
+        (EXT, NODE_IP, 3001, "10.180.2.1:80", False),
+    ],
+    ids=["pod-clusterip-local-only", "pod-externalip-short-circuit", "pod-lb-short-circuit", "ext-externalip-local",
+         "ext-nodeport-local"],
+)
+def test_both_policies_local(src, dst, port, output, masq):
+    """internalTrafficPolicy and externalTrafficPolicy Local together: pod -> external IP traffic still
+    short-circuits to all endpoints (kube-proxy's UsesClusterEndpoints: any externally accessible port)."""
+    check(BOTH_LOCAL, src, dst, port, output, masq)
+
+
 # ---------------------------------------------------------------- terminating endpoints
 
 def _cond(ready, serving, terminating):

@@ -687,3 +687,47 @@ def test_streamed_full_sync_equals_kube_proxy_text(existing):
     assert b.dump.chain("nat", "KUBE-SERVICES").rules[-1].jump == "KUBE-NODEPORTS"
     assert stream.result is not None and stream.result.nat_rules_total == count_rules(exact, "nat")
     assert stream.result.deleted_chains == (["KUBE-SEP-STALESTALESTALE"] if existing else [])
+
+
+@pytest.mark.parametrize(
+    "itp,etp,nodes,want_internal,want_external",
+    [
+        ("Local", "Cluster", ["test-hostname", "node1", "node2"], 0, 0),
+        ("Cluster", "Local", ["test-hostname", "node1", "node2"], 0, 0),
+        ("Local", "Local", ["test-hostname", "node1", "node2"], 0, 0),
+        ("Local", "Cluster", ["node0", "node1", "node2"], 1, 0),
+        ("Cluster", "Local", ["node0", "node1", "node2"], 0, 1),
+        ("Local", "Local", ["node0", "node1", "node2"], 1, 1),
+        ("Local", "Local", [], 0, 0),
+    ],
+    ids=["itp-local-eps", "etp-local-eps", "both-local-eps", "itp-no-local", "etp-no-local", "both-no-local",
+         "no-endpoints-at-all"],
+)
+def test_no_endpoints_metric(itp, etp, nodes, want_internal, want_external):
+    """kube-proxy's TestNoEndpointsMetric: sync_proxy_rules_no_local_endpoints_total{traffic_policy}."""
+    p, _, metrics = fake_proxier()
+    svc = make_service("ns1", "svc1", "172.30.1.1", [("", 80, "TCP", 123 if etp == "Local" else 0)],
+                       type="NodePort" if etp == "Local" else "ClusterIP", etp=etp, itp=itp)
+    eps = [ep(f"10.0.1.{i + 1}", n, ready=True) for i, n in enumerate(nodes)]
+    sync(p, StateBuilder(NODE).add(svc, make_slice("ns1", "svc1", eps, [("", 80, "TCP")])).state(full_sync=True))
+    name = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+    assert metrics.value(name, {"traffic_policy": "internal"}) == want_internal
+    assert metrics.value(name, {"traffic_policy": "external"}) == want_external
+
+
+@pytest.mark.parametrize(
+    "lb_ip,ip_mode,programmed",
+    [("1.2.3.4", "Proxy", False), ("1.2.3.5", "VIP", True), ("1.2.3.6", None, True)],
+    ids=["proxy", "vip", "unset"],
+)
+def test_load_balancer_ingress_ip_mode_proxy(lb_ip, ip_mode, programmed):
+    """kube-proxy's TestLoadBalancerIngressRouteTypeProxy (LoadBalancerIPMode GA): ipMode Proxy LB IPs get no rules."""
+    p, ipt, _ = fake_proxier()
+    svc = make_service("ns1", "svc1", "10.20.30.41", [("p80", 80, "TCP", 3001)], type="LoadBalancer",
+                       lb_ips=[(lb_ip, ip_mode)])
+    sync(p, StateBuilder(NODE).add(svc, make_slice("ns1", "svc1", ["10.180.0.1"])).state(full_sync=True))
+    rules = [r.raw for r in ipt.tables.dump.chain("nat", C.KUBE_SERVICES).rules]
+    assert any(f"-d {lb_ip} " in r for r in rules) == programmed
+    # Its NodePort and cluster IP are programmed either way.
+    assert any("-d 10.20.30.41 " in r for r in rules)
+    assert any("--dport 3001 " in r for r in ipt.tables.dump.chain("nat", C.KUBE_NODEPORTS).rules for r in [r.raw])
