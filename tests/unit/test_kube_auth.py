@@ -152,6 +152,48 @@ def test_in_cluster(tmp_path, pki):
     run(main())
 
 
+ROTATIONS = ["in-cluster", "kubeconfig-token-file"]
+
+
+@pytest.mark.parametrize("how", ROTATIONS)
+def test_rotated_token_file_is_read_again_after_401(tmp_path, pki, how):
+    """The kubelet rewrites the projected service-account token in place; after a 401 the source reads it again."""
+
+    async def main():
+        user = "system:serviceaccount:kube-system:kubelab-proxy"
+        tokens = {"old-token": user}
+        async with FakeAPIServer(ssl_context=pki.server_context(), tokens=tokens) as api:
+            api.apply(service("web", "10.96.2.5"))
+            sa = tmp_path / "serviceaccount"
+            sa.mkdir()
+            (sa / "token").write_text("old-token\n")
+            (sa / "ca.crt").write_bytes(pki.ca_cert.read_bytes())
+            env = None
+            if how == "in-cluster":
+                env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(api.port)}
+                cfg = kube.KubeSourceConfig.for_proxy(in_cluster=True, service_account_dir=str(sa),
+                                                      endpoint_slices=False, **FAST)
+            else:
+                # kubeadm's kube-proxy kubeconfig: tokenFile (relative paths are from the kubeconfig's folder).
+                kc = write_kubeconfig(tmp_path / "kc", api.url, user={"tokenFile": "serviceaccount/token"},
+                                      ca=str(sa / "ca.crt"))
+                cfg = kube.KubeSourceConfig.for_proxy(kubeconfig=str(kc), endpoint_slices=False, **FAST)
+            src, rec = _source(cfg, environ=env)
+            async with running(src):
+                await api.wait_for(lambda: src.synced, what="synced")
+                # Rotation: the old token is revoked, the file holds the new one.
+                tokens.clear()
+                tokens["new-token"] = user
+                (sa / "token").write_text("new-token\n")
+                api.cut_watches()
+                await api.wait_for(lambda: any(r.status == 401 for r in api.requests), what="a 401")
+                api.apply(service("after", "10.96.2.6"))
+                await api.wait_for(lambda: "after" in rec.names("on_service_add"), what="recovered with the new token")
+            assert src.reflectors["services"].lists == 1  # resumed the watch, no relist needed
+
+    run(main())
+
+
 BAD_CONFIGS = [
     ("no-source", {}, "give --kubeconfig FILE, --in-cluster"),
     ("both", {"kubeconfig": "x", "in_cluster": True}, "not both"),

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -119,6 +120,11 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # A watch event bigger than this is refused (etcd's own limit is 1.5 MiB per object).
 MAX_EVENT_BYTES = 64 * 2**20
+
+# A kubeconfig's tokenFile is read again this often (client-go's cached file
+# token source re-reads it every minute), and at once after a 401: the kubelet
+# rotates projected service-account tokens in place.
+TOKEN_FILE_REREAD = 60.0
 
 
 class KubeConfigError(Exception):
@@ -359,7 +365,9 @@ class KubeSource:
         self.deps = deps or KubeSourceDeps()
         self.api: Any = None  # kubernetes_asyncio ApiClient, made by connect()
         self.server = ""
-        self._loader: Any = None
+        self._loader: Any = None  # the kubeconfig loader (exec plugins, tokenFile)
+        self._incluster: Any = None  # the in-cluster loader (re-reads the service-account token)
+        self._token_read = 0.0  # when the kubeconfig's tokenFile was last read
         self._configuration: Any = None
         self.reflectors: dict[str, Reflector] = {}
         self.endpoint_slices_served: bool | None = None  # learned by discovery
@@ -398,10 +406,12 @@ class KubeSource:
             if self.config.in_cluster:
                 sa = self.config.service_account_dir
                 env = self.deps.environ if self.deps.environ is not None else os.environ
-                kconfig.incluster_config.InClusterConfigLoader(
+                self._incluster = kconfig.incluster_config.InClusterConfigLoader(
                     token_filename=os.path.join(sa, "token"), cert_filename=os.path.join(sa, "ca.crt"),
                     try_refresh_token=True, environ=env,
-                ).load_and_set(configuration)
+                )
+                self._incluster.load_and_set(configuration)
+                configuration.refresh_api_key_hook = _stripping(configuration.refresh_api_key_hook)
             elif self.config.kubeconfig:
                 self._loader = await kconfig.load_kube_config(
                     config_file=self.config.kubeconfig, context=self.config.context,
@@ -422,6 +432,10 @@ class KubeSource:
         if not configuration.host or configuration.host == "http://localhost":
             raise KubeConfigError("the kubeconfig names no server; add clusters[].cluster.server or pass --master URL")
         self._configuration = configuration
+        if "tokenFile" in (getattr(self._loader, "_user", None) or {}):
+            # Read it ourselves from the start: the library keeps a trailing
+            # newline, which aiohttp refuses in a header.
+            self._read_token_file(self._loader._user["tokenFile"])
         self.server = configuration.host
         api = kclient.ApiClient(configuration)
         from kubelab import __version__
@@ -435,16 +449,42 @@ class KubeSource:
             self.api = None
 
     async def refresh_credentials(self, force: bool = False) -> None:
-        """Re-run an exec credential plugin when its token expired (or, with ``force``, after a 401)."""
-        loader = self._loader
-        if loader is None or "exec" not in (getattr(loader, "_user", None) or {}):
+        """Keep rotating credentials fresh; ``force`` after a 401 (the token we hold was refused).
+
+        An exec credential plugin runs again when its token expired; a
+        kubeconfig ``tokenFile`` is re-read every minute; the in-cluster
+        service-account token is re-read by the library every minute, and at
+        once after a 401.
+        """
+        if self._incluster is not None:
+            if force:
+                self._incluster.token_expires_at = datetime.datetime.min  # its request hook re-reads the file
             return
-        if force and hasattr(loader, "exec_plugin_expiry"):
-            del loader.exec_plugin_expiry
-        if force or hasattr(loader, "exec_plugin_expiry"):
-            await loader.load_from_exec_plugin()  # a no-op until the expiry passes
-            if getattr(loader, "token", None):
-                self._configuration.api_key["BearerToken"] = loader.token
+        loader = self._loader
+        user = (getattr(loader, "_user", None) or {}) if loader is not None else {}
+        if "exec" in user:
+            if force and hasattr(loader, "exec_plugin_expiry"):
+                del loader.exec_plugin_expiry
+            if force or hasattr(loader, "exec_plugin_expiry"):
+                await loader.load_from_exec_plugin()  # a no-op until the expiry passes
+                if getattr(loader, "token", None):
+                    self._configuration.api_key["BearerToken"] = loader.token
+        elif "tokenFile" in user and (force or self.deps.clock() - self._token_read >= TOKEN_FILE_REREAD):
+            self._read_token_file(user["tokenFile"])
+
+    def _read_token_file(self, name: Any) -> None:
+        """(Re-)read the kubeconfig user's tokenFile (relative to the kubeconfig), whitespace trimmed as client-go."""
+        self._token_read = self.deps.clock()
+        path = os.path.join(os.path.dirname(os.path.abspath(self.config.kubeconfig or ".")), str(name))
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as e:
+            self.log.warning("--kubeconfig %s: cannot read tokenFile %s: %s; keeping the last token",
+                             self.config.kubeconfig, path, e)
+            return
+        if token:
+            self._configuration.api_key["BearerToken"] = f"Bearer {token}"
 
     async def record_event(self, reason: str, action: str, note: str = "", type_: str = "Normal") -> bool:
         """Post an events.k8s.io/v1 Event about this node, as kube-proxy's recorder does at start.
@@ -557,6 +597,20 @@ class KubeSource:
                 fn(*args)
             except Exception:
                 self.log.exception("handler %s.%s failed", type(h).__name__, method)
+
+
+def _stripping(hook: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """Wrap the in-cluster loader's token hook so the token loses surrounding whitespace (client-go trims it)."""
+    if hook is None:
+        return None
+
+    def refresh(configuration: Any, *args: Any) -> None:
+        hook(configuration, *args)
+        token = configuration.api_key.get("BearerToken")
+        if isinstance(token, str) and token != token.strip():
+            configuration.api_key["BearerToken"] = token.strip()
+
+    return refresh
 
 
 async def read_json(resp: Any, what: str) -> dict:
