@@ -13,7 +13,8 @@ alternately (ABAB...) so slow phases of this shared machine hit both:
 * short connections/s: ``wrk -H 'Connection: close'`` -> relay -> an
   haproxy HTTP responder, kubelab vs haproxy relaying;
 * UDP round trips/s: dnsperf (20 queries in flight) -> relay -> dnsmasq,
-  vs dnsperf -> dnsmasq directly.
+  vs dnsperf -> dnsmasq directly; and the relay's CPU per round trip beside
+  dnsmasq's CPU per answer.
 
 Usage (root): ``python3 bench/userspace_bench.py [--runs 5] [--seconds 5]
 [--loop uvloop|asyncio] [--out DIR]``.  Prints a Markdown table and writes
@@ -245,18 +246,22 @@ def wrk(lab: Lab, port: int, seconds: float, pid: int) -> tuple[float, float]:
     return float(m.group(1)), (c1 - c0) * 1e6 / max(1, int(total.group(1)))
 
 
-def dnsperf(lab: Lab, port: int, seconds: float, inflight: int, datafile: Path) -> float:
+def dnsperf(lab: Lab, port: int, seconds: float, inflight: int, datafile: Path, pid: int) -> tuple[float, float]:
+    """(queries/s, CPU µs per completed query of process ``pid``) of one dnsperf run to ``port``."""
+    c0 = cpu_seconds(pid)
     r = lab.sh(
         ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(datafile), "-l", str(seconds), "-q", str(inflight), "-c", "1", "-t", "2"],
         timeout=seconds + 30,
     )
+    c1 = cpu_seconds(pid)
     m = re.search(r"Queries per second:\s+([\d.]+)", r.stdout)
     lost = re.search(r"Queries lost:\s+(\d+)", r.stdout)
-    if not m:
+    done = re.search(r"Queries completed:\s+(\d+)", r.stdout)
+    if not m or not done:
         raise RuntimeError(f"dnsperf: {r.stdout}{r.stderr}")
     if lost and int(lost.group(1)) > 0:
         print(f"  dnsperf lost {lost.group(1)} queries via port {port}", file=sys.stderr)
-    return float(m.group(1))
+    return float(m.group(1)), (c1 - c0) * 1e6 / max(1, int(done.group(1)))
 
 
 def main() -> int:
@@ -287,7 +292,7 @@ def main() -> int:
     with Lab(work) as lab:
         lab.start(["iperf3", "-s", "-p", str(IPERF_PORT)])
         lab.start(["haproxy", "-db", "-f", str(work / "responder.cfg")])
-        lab.start(["dnsmasq", "-k", "-C", "/dev/null", "-p", str(DNS_PORT), "--listen-address=127.0.0.1", "--bind-interfaces",
+        server = lab.start(["dnsmasq", "-k", "-C", "/dev/null", "-p", str(DNS_PORT), "--listen-address=127.0.0.1", "--bind-interfaces",
                    "--no-resolv", "--address=/bench.test/10.1.2.3", "--cache-size=0", "--log-facility=/dev/null", "--dns-forward-max=10000"])
         peer = lab.start(["haproxy", "-db", "-f", str(work / "haproxy.cfg")])
         ours = lab.start(
@@ -336,14 +341,24 @@ def main() -> int:
             # dnsperf with one query in flight paces itself (~1 ms per query
             # here, direct or not), which measures dnsperf, not the relay.
             for inflight in (20,):
-                ours_q, direct_q = [], []
+                ours_q, direct_q, ours_cpu, server_cpu = [], [], [], []
                 for i in range(args.runs):
                     prog.step(f"UDP round trips ({inflight} in flight) via kubelab, run {i + 1}")
-                    ours_q.append(dnsperf(lab, KUBELAB_UDP, args.seconds, inflight, work / "queries.txt"))
+                    q, cpu = dnsperf(lab, KUBELAB_UDP, args.seconds, inflight, work / "queries.txt", child_pid(ours))
+                    ours_q.append(q)
+                    ours_cpu.append(cpu)
                     prog.step(f"UDP round trips ({inflight} in flight) direct, run {i + 1}")
-                    direct_q.append(dnsperf(lab, DNS_PORT, args.seconds, inflight, work / "queries.txt"))
+                    q, cpu = dnsperf(lab, DNS_PORT, args.seconds, inflight, work / "queries.txt", child_pid(server))
+                    direct_q.append(q)
+                    server_cpu.append(cpu)
                 results.figures.append(Figure("userspace", f"UDP round trips/s, {inflight} in flight (dnsperf -> dnsmasq)", subject, "q/s",
                                               summarize(ours_q), "direct", summarize(direct_q), paired_ratios(ours_q, direct_q), ">= 0.5"))
+                # What one relayed round trip costs the relay, beside what
+                # answering it costs the server (dnsmasq, in the direct
+                # runs): CPU time, so less swayed by the box's load than q/s.
+                results.figures.append(Figure("userspace", "relay CPU per UDP round trip", subject, "CPU µs/query",
+                                              summarize(ours_cpu), "dnsmasq answering", summarize(server_cpu),
+                                              paired_ratios(ours_cpu, server_cpu), higher_is_better=False))
         prog.finish()
     results.notes.append("one network namespace, loopback only; haproxy 1 thread (like kubelab's one event loop), "
                          "option splice-auto, tune.bufsize/pipesize 262144; wrk -t1 -c32; dnsperf -c1")
