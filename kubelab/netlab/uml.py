@@ -57,6 +57,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubelab.netlab import uml_xstate
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -282,6 +284,12 @@ class UMLKernel:
         init.chmod(0o755)
         self._umid = f"kubelab-{os.getpid()}-{self.workdir.name.rsplit('-', 1)[-1]}"
 
+        # Debian's UML 6.1 cannot save the FPU state of its processes on hosts
+        # whose XSAVE area is larger than it was built for (AMX): see uml_xstate.
+        try:
+            env = dict(os.environ, LD_PRELOAD=str(uml_xstate.shim_path()))
+        except uml_xstate.ShimError as e:
+            raise UMLError(str(e)) from e
         to_uml_r, to_uml_w = os.pipe()
         from_uml_r, from_uml_w = os.pipe()
         console = open(self.workdir / "console.log", "wb")  # noqa: SIM115 - handed to the child
@@ -300,6 +308,7 @@ class UMLKernel:
         try:
             self._proc = subprocess.Popen(
                 argv,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -317,7 +326,9 @@ class UMLKernel:
         while not self._ready.wait(0.05):
             if self._dead.is_set() or self._proc.poll() is not None:
                 self._kill()
-                raise UMLError(f"UML exited during boot (status {self._proc.returncode})" + self._console_suffix())
+                raise UMLError(
+                    f"UML exited during boot (status {self._proc.returncode})" + self._boot_hint() + self._console_suffix()
+                )
             if time.monotonic() > deadline:
                 self._kill()
                 raise UMLError(f"UML did not become ready within {self.boot_timeout:.0f}s" + self._console_suffix())
@@ -471,6 +482,23 @@ poweroff -f
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _boot_hint(self) -> str:
+        """Why a known boot failure happened and what to do, from the console log ("" when unknown)."""
+        try:
+            console = (self.workdir / "console.log").read_text(errors="replace") if self.workdir else ""
+        except OSError:
+            return ""
+        if "ptrace set fp regs failed" in console:
+            # uml_xstate's LD_PRELOAD shim pads UML 6.1's XSAVE buffer to the host's
+            # size; seeing this means it was not applied (or the host changed the rule).
+            return (
+                ": the host CPU's XSAVE area (PKU/AVX-512/AMX) is larger than this UML kernel "
+                "(Debian bookworm's user-mode-linux 6.1) saves, and the kubelab.netlab.uml_xstate "
+                "LD_PRELOAD shim did not make up for it (console: 'ptrace set fp regs failed, "
+                "errno = 14'); check that the shim builds (gcc) and that LD_PRELOAD reaches `linux`"
+            )
+        return ""
 
     def _console_suffix(self) -> str:
         tail = self.console_tail()
