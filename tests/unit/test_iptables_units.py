@@ -139,10 +139,34 @@ def test_restore_error_names_the_failing_line():
     ids=["kubelet-hint-nft", "kubelet-hint-legacy", "legacy-has-more", "tie-prefers-nft", "empty"],
 )
 def test_detect_backend(saves, want):
+    calls = []
+
     def run(argv, input=None, timeout=None):
+        calls.append(argv)
         return 0, saves.get(argv[0], ""), ""
 
     assert detect_backend(run) == want
+    # As the iptables-wrapper: nft's mangle is read alone, legacy's never (reading
+    # it with -t mangle would create the table in the kernel).
+    assert ["iptables-nft-save", "-t", "mangle"] in calls
+    assert not any(a[0].endswith("legacy-save") and "-t" in a for a in calls)
+
+
+@pytest.mark.parametrize(
+    "saves",
+    [
+        {("ip6tables-nft-save", "-t", "mangle"): ":KUBE-IPTABLES-HINT - [0:0]\n",
+         ("iptables-legacy-save",): "-A INPUT -j ACCEPT\n" * 3},
+        {("iptables-legacy-save",): "-A INPUT -m comment --comment KUBE-KUBELET-CANARY -j ACCEPT\n",
+         ("iptables-nft-save",): "-A INPUT -j ACCEPT\n-A INPUT -j DROP\n"},
+    ],
+    ids=["hint-only-in-ip6tables", "rule-naming-the-hint-is-no-hint"],
+)
+def test_detect_backend_hint_chains(saves):
+    def run(argv, input=None, timeout=None):
+        return 0, saves.get(tuple(argv), ""), ""
+
+    assert detect_backend(run) == "nft"
 
 
 def test_conntrack_cleanup_cases():

@@ -167,28 +167,36 @@ class IPTables:
         return self.version() >= (1, 6, 2)
 
 
-def _count_rules(run: RunFn, tools: Sequence[str]) -> tuple[int, str]:
-    rules = 0
-    text = []
+_HINT = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY) ", re.M)
+
+
+def _saves(run: RunFn, tools: Sequence[str], *args: str) -> str:
+    """The output of each ``tool *args`` that ran, concatenated (a missing backend adds nothing)."""
+    out = []
     for tool in tools:
-        rc, out, _ = run([tool], timeout=30)
+        rc, text, _ = run([tool, *args], timeout=30)
         if rc == 0:
-            text.append(out)
-            rules += sum(1 for line in out.splitlines() if line.startswith("-"))
-    return rules, "\n".join(text)
+            out.append(text)
+    return "\n".join(out)
 
 
 def detect_backend(run: RunFn) -> str:
-    """"nft" or "legacy", as kube-proxy's iptables-wrapper decides.
+    """"nft" or "legacy", decided as kube-proxy's image decides (the iptables-wrapper script).
 
-    1. kubelet (1.17+) creates KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY in
-       mangle of the backend it uses: follow it.
-    2. Otherwise use the backend that holds more rules, nft on a tie.
+    1. kubelet (1.17+) declares KUBE-IPTABLES-HINT or KUBE-KUBELET-CANARY in
+       mangle of the backend it uses: look in nft's mangle first (IPv4 and IPv6),
+       then in all of legacy's tables -- never ``iptables-legacy-save -t mangle``,
+       which would make the kernel create a legacy mangle table.
+    2. Otherwise the backend holding more rules; nft unless legacy has strictly more.
     """
-    for backend in ("nft", "legacy"):
-        rc, out, _ = run([f"iptables-{backend}-save", "-t", "mangle"], timeout=30)
-        if rc == 0 and ("KUBE-IPTABLES-HINT" in out or "KUBE-KUBELET-CANARY" in out):
-            return backend
-    legacy, _ = _count_rules(run, ["iptables-legacy-save", "ip6tables-legacy-save"])
-    nft, _ = _count_rules(run, ["iptables-nft-save", "ip6tables-nft-save"])
-    return "legacy" if legacy > nft else "nft"
+    if _HINT.search(_saves(run, ["iptables-nft-save", "ip6tables-nft-save"], "-t", "mangle")):
+        return "nft"
+    legacy = _saves(run, ["iptables-legacy-save", "ip6tables-legacy-save"])
+    if _HINT.search(legacy):
+        return "legacy"
+    nft = _saves(run, ["iptables-nft-save", "ip6tables-nft-save"])
+
+    def count(text: str) -> int:
+        return sum(1 for line in text.splitlines() if line.startswith("-"))
+
+    return "legacy" if count(legacy) > count(nft) else "nft"
