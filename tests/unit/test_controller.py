@@ -299,6 +299,38 @@ async def test_labels_filter_like_kube_proxy_informers():
         await h.stop()
 
 
+@pytest.mark.parametrize("label", ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"])
+@arun
+async def test_labelled_slices_and_services_come_and_go_like_informer_events(label):
+    """kube-proxy's informers list with !service-proxy-name,!headless: gaining the label is a delete, losing it an add."""
+    h = Harness()
+    try:
+        await _initial(h)
+        await h.advance(2)
+        good = eps("web", "10.244.1.1", "10.244.1.2", node="node-1")
+        labelled = dataclasses.replace(good, meta=dataclasses.replace(good.meta, labels={**good.meta.labels, label: "x"}))
+        h.ctl.on_endpoint_slice_update(good, labelled)
+        await settle()
+        assert h.dp.states[-1].endpoints_map.get(WEB, ()) == ()
+        await h.advance(2)
+        h.ctl.on_endpoint_slice_update(labelled, good)
+        await settle()
+        assert len(h.dp.states[-1].endpoints_map[WEB]) == 2
+        # A labelled Service added later is never proxied; dropping the label makes it appear.
+        await h.advance(2)
+        other = svc("db", "172.30.0.20", 5432, pname="pg")
+        other_labelled = dataclasses.replace(other, meta=ObjectMeta(name="db", labels={label: "x"}))
+        n = len(h.dp.states)
+        h.ctl.on_service_add(other_labelled)
+        await h.advance(2)
+        assert len(h.dp.states) == n  # nothing to sync: the informer would not have seen it
+        h.ctl.on_service_update(other_labelled, other)
+        await settle()
+        assert ServicePortName("default", "db", "pg", "TCP") in h.dp.states[-1].service_map
+    finally:
+        await h.stop()
+
+
 @arun
 async def test_node_zone_change_forces_full_sync():
     h = Harness()
