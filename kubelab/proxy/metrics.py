@@ -30,9 +30,14 @@ def linear_buckets(start: float, width: float, count: int) -> list[float]:
 
 # 1 ms .. 16.4 s
 SYNC_BUCKETS = exponential_buckets(0.001, 2, 15)
-# 0.25 s, 0.5 s, 1..59 s, 60..115 s, 2..5 min (NetworkProgrammingLatency)
+# 0, 0.25 s, 0.5 s, 1..59 s, 60..115 s, 2..5 min (NetworkProgrammingLatency).  The
+# leading 0 is upstream's too: its merge() starts from make([]float64, 1).
 NETWORK_PROGRAMMING_BUCKETS = (
-    linear_buckets(0.25, 0.25, 2) + linear_buckets(1, 1, 59) + linear_buckets(60, 5, 12) + linear_buckets(120, 30, 7)
+    [0.0]
+    + linear_buckets(0.25, 0.25, 2)
+    + linear_buckets(1, 1, 59)
+    + linear_buckets(60, 5, 12)
+    + linear_buckets(120, 30, 7)
 )
 
 

@@ -229,8 +229,11 @@ async def test_metrics_server_serves_kube_proxy_names():
 
 def test_buckets_match_kube_proxy():
     assert SYNC_BUCKETS[0] == 0.001 and len(SYNC_BUCKETS) == 15 and SYNC_BUCKETS[-1] == pytest.approx(16.384)
-    assert NETWORK_PROGRAMMING_BUCKETS[:3] == [0.25, 0.5, 1]
-    assert len(NETWORK_PROGRAMMING_BUCKETS) == 2 + 59 + 12 + 7 and NETWORK_PROGRAMMING_BUCKETS[-1] == 300
+    # upstream's merge() starts from a zero-filled slice of length 1: a le="0" bucket first
+    assert NETWORK_PROGRAMMING_BUCKETS[:4] == [0, 0.25, 0.5, 1]
+    assert len(NETWORK_PROGRAMMING_BUCKETS) == 1 + 2 + 59 + 12 + 7 and NETWORK_PROGRAMMING_BUCKETS[-1] == 300
+    body = ProxyMetrics().exposition()[0].decode()
+    assert 'kubeproxy_network_programming_duration_seconds_bucket{le="0.0"} 0.0' in body
 
 
 def test_registries_are_independent():
