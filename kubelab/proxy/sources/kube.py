@@ -63,8 +63,8 @@ its ``Watch`` helper nor its model classes: ``Watch`` retries a 410 once by
 itself and re-watches from an RV that is gone, reads events with
 ``readline()`` (aiohttp refuses a line over its buffer size: an
 EndpointSlice with a thousand endpoints), and deserialising into model
-classes costs 3.5-13x a plain ``json.loads`` of the same 10,000-Service list
-(medians of two runs on a loaded machine), and still 1.6-2.8x json plus our
+classes costs 3.5-25x a plain ``json.loads`` of the same 10,000-Service list
+(medians of three runs on a loaded machine), and still 1.6-2.8x json plus our
 own validating parser (``bench/kube_api_decode.py``, BENCHMARKS.md); our
 objects module parses plain dicts anyway.
 
@@ -761,7 +761,15 @@ class Reflector:
     # ------------------------------------------------------------ list
 
     async def list_all(self) -> tuple[list[dict], str]:
-        """Every object (all pages) and the list's resourceVersion."""
+        """Every object (all pages) and the list's resourceVersion.
+
+        No resourceVersion is sent: a consistent read of the newest state, in
+        pages.  (client-go's first list asks for resourceVersion "0", any
+        cached state and unpaginated: cheaper for an old server, but possibly
+        older than what this node programmed before a restart, and one
+        response for 10,000 objects.  Since 1.31 servers answer consistent
+        lists from their watch cache too, ConsistentListFromCache.)
+        """
         import aiohttp
 
         items: list[dict] = []
