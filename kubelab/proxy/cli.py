@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--masquerade-all", type=_go_bool, nargs="?", const=True, metavar="BOOL", help="SNAT all traffic sent via service IPs, not only traffic from outside --cluster-cidr; --masquerade-all alone means true (default false)")
     mode.add_argument("--nodeport-addresses", type=_cidrs, metavar="CIDRS", help="NodePorts answer only on node IPs in these blocks (comma-separated, e.g. 192.0.2.0/24,2001:db8::/64), or 'primary' for the node's primary IP of each family (default: every local address)")
     mode.add_argument("--bind-address", metavar="IP", help="userspace mode: the IP its relays listen on (default 0.0.0.0, every address); the iptables and ipvs modes do not use it")
-    mode.add_argument("--ipvs-scheduler", metavar="NAME", help="IPVS scheduler when --proxy-mode ipvs: rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, mh (default rr)")
+    mode.add_argument("--ipvs-scheduler", metavar="NAME", help="IPVS scheduler when --proxy-mode ipvs: rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, fo, ovf, mh (default rr); a Service overrides it with the annotation ipvs.kubelab.dev/scheduler (kubelab's; kube-proxy has none)")
+    mode.add_argument("--ipvs-graceful-termination-timeout", type=_duration, metavar="DURATION", help="ipvs mode: a removed TCP real server drains with weight 0 until its connections are gone, at most this long (default 15m)")
     mode.add_argument("--ipvs-strict-arp", type=_go_bool, nargs="?", const=True, metavar="BOOL", help="ipvs mode: set arp_ignore=1/arp_announce=2 so the service IPs on the kube-ipvs0 dummy interface are not answered to ARP (default false)")
     mode.add_argument("--iptables-masquerade-bit", type=int, metavar="BIT", help="fwmark bit used to mark packets for SNAT (default 14)")
     mode.add_argument("--udp-timeout", type=_duration, metavar="DURATION", help="userspace mode: close a UDP session idle this long, e.g. 250ms, 2s (default 250ms, as kube-proxy)")
@@ -165,6 +166,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
             "healthz_bind_address": args.healthz_bind_address,
             "ipvs_scheduler": args.ipvs_scheduler,
             "ipvs_strict_arp": args.ipvs_strict_arp,
+            "ipvs_graceful_termination_timeout": getattr(args, "ipvs_graceful_termination_timeout", None),
             "masquerade_bit": args.iptables_masquerade_bit,
             "udp_idle_timeout": args.udp_timeout,
             "userspace_max_connections": args.userspace_max_connections,
