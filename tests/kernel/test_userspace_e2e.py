@@ -191,6 +191,7 @@ def pods_of(lines: list[str]) -> collections.Counter:
         ("client", "http://NODE:30080/"),
         ("default/tester", "http://NODE:30080/"),
         ("node1", "http://NODE:30080/"),
+        ("node1", "http://127.0.0.1:30080/"),
         ("client", f"http://{EXTERNAL_IP}/"),
         ("default/tester", f"http://{EXTERNAL_IP}/"),
         ("node1", f"http://{EXTERNAL_IP}/"),
@@ -199,7 +200,7 @@ def pods_of(lines: list[str]) -> collections.Counter:
         ("node1", f"http://{LB_IP}/"),
     ],
     ids=["pod-clusterip", "node-clusterip", "external-nodeport", "pod-nodeport", "node-nodeport",
-         "external-externalip", "pod-externalip", "node-externalip", "external-lb", "pod-lb", "node-lb"],
+         "node-localhost-nodeport", "external-externalip", "pod-externalip", "node-externalip", "external-lb", "pod-lb", "node-lb"],
 )
 def test_tcp_portals_round_robin(env, source, target):
     lab = env["lab"]
