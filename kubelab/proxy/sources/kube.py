@@ -109,9 +109,8 @@ from kubelab.proxy.provider import Provider
 # (server-side since kubernetes PR #126769, 1.32, on the spec.clusterIP field
 # selector of PR #123905, 1.31); a headless Service's EndpointSlices are
 # labelled service.kubernetes.io/headless by the EndpointSlice controller.
-# (Before 1.32 kube-proxy sent both labels to both kinds; the headless label
-# never matched a Service, and a proxy-name Service's slices were dropped
-# later anyway for want of their Service.)
+# (Before 1.32 kube-proxy sent both labels to both kinds.  Now the slices of
+# another proxy's Service do arrive, and come to nothing without their Service.)
 PROXY_SERVICE_LABEL_SELECTOR = f"!{LABEL_SERVICE_PROXY_NAME}"
 PROXY_SERVICE_FIELD_SELECTOR = "spec.clusterIP!=None"
 PROXY_ENDPOINTS_LABEL_SELECTOR = f"!{LABEL_HEADLESS}"
