@@ -4,7 +4,8 @@ Inside a fresh network namespace: the strict test API server (as a
 process, on the namespace's own 127.0.0.1), a backend web server, and
 ``kubelab proxy --proxy-mode iptables --kubeconfig``.  curl inside the
 namespace reaches the backend through the Service's cluster IP; a change
-made on the API server reaches the kernel; during an API outage the
+made on the API server reaches the kernel, also right after the watches
+were cut mid-event; during an API outage the
 programmed rules keep serving; a 410 relist that implies a deleted
 EndpointSlice removes the backend (curl is refused, as kube-proxy's REJECT
 rule does for a Service without endpoints).
@@ -154,6 +155,14 @@ def test_iptables_proxy_fed_by_the_api(ns, backend, tmp_path):
         # A change on the API server reaches the kernel through the watch.
         api.do(op="apply", object=service("web", "172.31.0.10", port=81))
         _until(lambda: curl(ns, "http://172.31.0.10:81/")[1] == HELLO, tail("port 81 after the update"))
+
+        # Watches cut mid-event (half a JSON line, then RST): the proxy resumes
+        # from its last resourceVersion and what changed next still arrives.
+        assert api.do(op="cut") >= 2
+        api.do(op="apply", object=service("web2", "172.31.0.12", port=80))
+        api.do(op="apply", object=endpoint_slice("web2-1", "web2", ["198.18.0.1"], port=8080))
+        _until(lambda: curl(ns, "http://172.31.0.12/")[1] == HELLO, tail("web2 after the cut"))
+        assert curl(ns, "http://172.31.0.10:81/")[1] == HELLO
 
         # API outage: watches cut, connections dropped. The programmed rules keep serving.
         api.do(op="outage", count=8)
