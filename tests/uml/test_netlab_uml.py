@@ -5,7 +5,8 @@ puts the whole lab inside a UML kernel that the lab boots itself (this
 module does not use the shared ``uml`` fixture).  Addresses, all inside the
 UML kernel's namespaces: pod CIDR 10.244.0.0/16 (node1 10.244.0.0/24,
 node2 10.244.1.0/24), service CIDR 10.96.0.0/12 (``srv`` at 10.96.0.2),
-underlay 172.18.0.0/24 (node1 .10, node2 .11, external client .254).
+underlay 172.18.0.0/24 (node1 .10, node2 .11, external client .254), srv's
+node port from 30000.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from kubelab.netlab.spec import LabSpec
 from kubelab.netlab.testing import leftovers, unique_lab_name
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "srv"},
-           "spec": {"selector": {"app": "srv"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+           "spec": {"type": "NodePort", "selector": {"app": "srv"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
 DEPLOYMENT = {
     "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "srv"},
     "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "srv"}},
@@ -110,6 +112,15 @@ def test_clusterip_through_ipvs_round_robin(lab):
         assert r.returncode == 0, r
         seen.append(r.stdout.split()[0])
     assert sorted(set(seen)) == ["pod=srv-1", "pod=srv-2"], seen  # rr alternates
+
+
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_external_client_reaches_a_node_port(lab, node):
+    """From outside the cluster to a node's underlay IP, through IPVS to a pod (masqueraded)."""
+    url = f"http://{lab.node_ip(node)}:{lab.node_port('default/srv', port=80)}/"
+    r = lab.exec("external", ["curl", "-sS", "--max-time", "5", url], timeout=20)
+    assert r.returncode == 0 and r.stdout.startswith("pod=srv-"), r
+    assert f"client={lab.client_ip}:" not in r.stdout, r
 
 
 def test_cli_round_trip(lab):
