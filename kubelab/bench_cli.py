@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print("kubelab bench: the datapath, scale and control suites build network-namespace labs and need root; "
               "run as root, or pick --suites dns", file=sys.stderr)
         return 2
-    ctx.progress = Progress(len(steps))
+    ctx.progress = Progress(len(steps), estimates=[s.estimate for s in steps])
     started = time.monotonic()
     interrupted = False
     # SIGTERM ends the run like Ctrl-C: labs (namespaces, UML kernels,

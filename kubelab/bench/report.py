@@ -76,11 +76,15 @@ class Series:
     # bars, one group per category, ``x`` then only orders them (0, 1, ...).
     categories: list[str] | None = None
     hline: float | None = None  # a reference level drawn dashed (e.g. 1.0 = the baseline)
+    hline_label: str = ""  # what that level is, for the legend
+    # Line style per label ("-", "--", ":"): e.g. baselines dashed beside the
+    # figure they are measured with.
+    styles: dict[str, str] = field(default_factory=dict)
 
     def x_names(self) -> list[str]:
         if self.categories:
-            return list(self.categories)
-        return [f"{x:g}" for x in self.x]
+            return [c.replace("\n", " ") for c in self.categories]
+        return [f"{x:,g}" for x in self.x]
 
     def as_dict(self) -> dict:
         return {
@@ -90,6 +94,8 @@ class Series:
             "y_label": self.y_label,
             "x": self.x,
             "categories": self.categories,
+            "log_x": self.log_x,
+            "log_y": self.log_y,
             "lines": {k: [s.as_dict() if s else None for s in v] for k, v in self.lines.items()},
         }
 
@@ -197,26 +203,45 @@ def plot_series(s: Series, path: Path) -> None:
     matplotlib.use("Agg")  # no display on these machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    from matplotlib.ticker import FuncFormatter
+
+    many = len(s.lines) > 4
+    # Many lines: the legend goes beside the axes, not over the data.
+    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.6 if many else 4.2), dpi=110)
     if s.categories:
         _bars(ax, s)
+    # "X, direct to pod" and "X, reference" share X's colour (the style tells them apart).
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups: dict[str, str] = {}
     for label, values in ({} if s.categories else s.lines).items():
+        colour = groups.setdefault(label.split(", ")[0], palette[len(groups) % len(palette)])
         xs = [x for x, v in zip(s.x, values) if v]
         meds = [v.median for v in values if v]
         lo = [v.median - v.low for v in values if v]
         hi = [v.high - v.median for v in values if v]
-        ax.errorbar(xs, meds, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.errorbar(xs, meds, yerr=[lo, hi], marker="o", capsize=3, label=label, color=colour,
+                    linestyle=s.styles.get(label, "-"))
     if s.log_x:
         ax.set_xscale("log")
+    if not s.categories:
+        # Label the measured points themselves (100, 1,000, 10,000), not 10^k.
+        ax.set_xticks(s.x, [f"{x:,g}" for x in s.x])
+        ax.minorticks_off()
     if s.log_y:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
+        # Minor ticks labelled at 2x and 5x only: readable, not crowded.
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,g}" if f"{v:.0e}"[0] in "25" else ""))
     if s.hline is not None:
-        ax.axhline(s.hline, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(s.hline, color="grey", linestyle="--", linewidth=1, label=s.hline_label or None)
     ax.set_xlabel(s.x_label)
-    ax.set_ylabel(s.y_label)
+    ax.set_ylabel(s.y_label, fontsize=9 if len(s.y_label) > 40 else None)
     ax.set_title(f"{s.suite}: {s.name}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.grid(True, alpha=0.3, which="both" if s.log_y else "major")
+    if many and not s.categories:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8 if many else None)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -232,7 +257,9 @@ def _bars(ax, s: Series) -> None:
         lo = [v.median - v.low for v in values if v]
         hi = [v.high - v.median for v in values if v]
         ax.bar(xs, meds, width=width * 0.95, yerr=[lo, hi], capsize=3, label=label)
-    ax.set_xticks(range(len(s.categories)), s.categories, rotation=15, ha="right", fontsize=8)
+    multiline = any("\n" in c for c in s.categories)
+    ax.set_xticks(range(len(s.categories)), s.categories, rotation=0 if multiline else 15,
+                  ha="center" if multiline else "right", fontsize=8)
 
 
 def _slug(text: str) -> str:

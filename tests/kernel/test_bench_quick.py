@@ -6,7 +6,7 @@ the outputs are produced and sane -- never how fast anything was.
 
 Addresses, all inside the bench lab's own namespaces (lab ``kb<pid>-host``):
 pod CIDR 10.244.0.0/16 (node1 10.244.0.0/24 with the client pod, node2
-10.244.1.0/24 with the backends and the control-plane endpoints at
+10.244.1.0/24 with the ref pod, the backends and the control-plane endpoints at
 10.244.1.203-250), service CIDR 10.96.0.0/12, underlay 172.18.0.0/24.
 """
 
@@ -94,8 +94,8 @@ def test_control_plane_latency_measured(doc, subject):
 
 @pytest.mark.parametrize(
     "name,lines",
-    [("first-packet latency (connect p50)", {"iptables (host)", "direct to pod (host)"}),
-     ("first-packet latency, ratio to direct", {"iptables (host)"}),
+    [("first-packet latency (connect p50)", {"iptables (host)", "iptables (host), direct to pod", "iptables (host), reference"}),
+     ("first-packet latency, ratio to a reference", {"iptables (host)"}),
      ("full sync time", {"iptables (host)"}),
      ("sync after one Service changed", {"iptables (host)"}),
      ("proxy memory (RSS)", {"iptables (host)"})],

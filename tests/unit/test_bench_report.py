@@ -83,6 +83,19 @@ def test_progress_lines_without_tty():
     assert lines[2].startswith("[2/2 20s] done")
 
 
+def test_progress_time_left_follows_the_step_estimates():
+    import io
+
+    # Step 1 was estimated at 10 s and took 20 s (the machine runs 2x slow):
+    # step 2, estimated at 100 s, should take ~200 s more, not another 20 s.
+    t = iter([0.0, 0.0, 20.0])
+    out = io.StringIO()
+    p = Progress(2, out=out, clock=lambda: next(t), estimates=[10, 100])
+    p.step("first")
+    p.step("second")
+    assert out.getvalue().splitlines()[1] == "[2/2 20s, ~3m20s left] second"
+
+
 # --------------------------------------------------------------------------
 # kubelab bench: options, plans, bar charts, the probe's wire format
 # --------------------------------------------------------------------------
@@ -201,3 +214,40 @@ def test_run_steps_interrupted_still_runs_always_steps():
         run_steps(ctx, [Step("measure", 1, interrupt, "a"), Step("more", 1, lambda: ran.append("more"), "a"),
                         Step("stop servers", 1, lambda: ran.append("stop"), "a", always=True)])
     assert ran == ["stop"]
+
+
+def test_scale_curve_is_through_the_service_over_the_reference_round_by_round(tmp_path):
+    """The first-packet curve divides by the node2 reference, never by "direct" (which walks the rules too)."""
+    from kubelab.bench.suites import BenchOptions, Context, LabPool
+    from kubelab.bench.suites.scale import _Scale
+
+    opts = BenchOptions.make(quick=False, subjects=("host:iptables", "uml:iptables", "uml:ipvs"), runs=2,
+                             scale_counts=(100, 10000))
+    ctx = Context(opts, Results(command="kubelab bench"), LabPool())
+    sc = _Scale(ctx, list(opts.subjects))
+    walk = {"host:iptables": 2.0, "uml:iptables": 5.0, "uml:ipvs": 0.0}  # extra per 10,000 rules, as a factor
+    for key, extra in walk.items():
+        for count in (100, 10000):
+            for rnd, noise in enumerate((1.0, 3.0)):  # round 2 runs on a 3x slower machine
+                grow = 1.0 + extra * count / 10000
+                through = 300.0 * grow * noise
+                # In iptables mode "direct" walks the same rules: Service / direct stays ~1.
+                direct = 290.0 * (grow if key.endswith("iptables") else 1.0) * noise
+                for via, v in (("service", through), ("direct", direct), ("reference", 100.0 * noise)):
+                    sc.first_packet.setdefault((via, key, count), []).append(v)
+    sc.report()
+    res = ctx.results
+    (curve,) = [s for s in res.series if s.name == "first-packet latency, ratio to a reference"]
+    assert set(curve.lines) == {"iptables (host)", "iptables (uml)", "ipvs (uml)"}  # both UML subjects, not only one
+    assert curve.lines["iptables (uml)"][1].median == pytest.approx(3.0 * 6.0)
+    assert curve.lines["ipvs (uml)"][1].median == pytest.approx(3.0)
+    assert curve.lines["iptables (host)"][0].spread_pct == pytest.approx(0.0, abs=1e-9)  # the 3x noise cancelled
+    (absolute,) = [s for s in res.series if s.name == "first-packet latency (connect p50)"]
+    assert absolute.log_y and absolute.styles["iptables (host), direct to pod"] == "--"
+    assert absolute.styles["ipvs (uml), reference"] == ":"
+    growth = {f.subject: f.ratio.median for f in res.figures if f.name.startswith("first-packet latency growth")}
+    assert growth == pytest.approx({"iptables (host)": (1 + 2.0) / (1 + 0.02), "iptables (uml)": 6.0 / 1.05,
+                                    "ipvs (uml)": 1.0})
+    paths = res.write(tmp_path)
+    md = paths["results.md"].read_text()
+    assert "| 10,000 | 9.00 (±0.0%, n=2) | 18.0 (±0.0%, n=2) | 3.00 (±0.0%, n=2) |" in md, md

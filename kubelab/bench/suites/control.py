@@ -120,5 +120,5 @@ def _report(ctx: Context, c: _Control) -> None:
         ctx.results.series.append(Series(
             SUITE, "network programming latency", "subject", "seconds", list(range(len(subjects))),
             {"median, min..max": [summarize(c.samples[s.key]) for s in subjects]}, categories=[str(s) for s in subjects],
-            hline=1.0,
+            hline=1.0, hline_label="kube-proxy's --min-sync-period default (1 s)",
         ))

@@ -137,5 +137,6 @@ def _report(ctx: Context, sessions: list[_Session]) -> None:
         lines[str(s.subject)] = [paired_ratios(*s.samples[k]) if s.samples[k][0] else None for k in keys]
     ctx.results.series.append(Series(
         SUITE, "ratio to a direct connection", "figure", "through the proxy / direct (1.0 = direct)", list(range(len(keys))),
-        lines, categories=[SHORT_NAMES[k] for k in keys], hline=1.0, log_y=True,
+        lines, categories=[f"{SHORT_NAMES[k]}\n({'higher' if higher else 'lower'} is better)" for k, _, _, higher in METRICS],
+        hline=1.0, hline_label="direct to pod", log_y=True,
     ))

@@ -9,7 +9,9 @@ in one kernel, which is what makes their ratios fair on a noisy machine.
 
 Topology (two nodes, so service traffic is routed and NATed like in a
 cluster): the ``client`` pod on node1, where the proxy under test runs; the
-backends on node2, each running a real server as its pod command:
+``ref`` pod on node2, a second client whose traffic never passes node1's
+rules (the scale suite's reference); the backends on node2, each running a
+real server as its pod command:
 
 * ``web``   -- haproxy answering every HTTP request itself (port 8080),
 * ``bulk``  -- ``iperf3 -s`` (port 5201),
@@ -130,6 +132,7 @@ class BenchLab:
         docs = [
             service_doc("web", 80, 8080), service_doc("bulk", 5201, 5201), service_doc("dns", 53, 53, "UDP"), service_doc("echo", 9000, 9000),
             pod_doc("client", "node1"),
+            pod_doc("ref", "node2"),
             pod_doc("web", "node2", ["haproxy", "-db", "-f", str(self.workdir / "responder.cfg")]),
             pod_doc("bulk", "node2", ["iperf3", "-s", "-p", "5201"]),
             pod_doc("dns", "node2", ["dnsmasq", "-k", "-C", "/dev/null", "-p", "53", "--no-resolv", "--no-hosts",
@@ -199,8 +202,9 @@ class BenchLab:
             raise BenchError(f"`{shlex.join(argv)}` in {where} exited {r.returncode}: {(r.stderr or r.stdout).strip()[-500:]}")
         return r.stdout
 
-    def probe(self, cmd: str, host: str, port: int, *args: str | int, timeout: float = 120.0) -> dict:
-        out = self.must("client", [self.python, PROBE, cmd, host, str(port), *map(str, args)], timeout)
+    def probe(self, cmd: str, host: str, port: int, *args: str | int, timeout: float = 120.0, pod: str = "client") -> dict:
+        """Run :mod:`~kubelab.bench.suites.probe` ``CMD HOST PORT ARGS`` in ``pod`` (default the client pod); its JSON."""
+        out = self.must(pod, [self.python, PROBE, cmd, host, str(port), *map(str, args)], timeout)
         return json.loads(out.strip().splitlines()[-1])
 
     def clock_offset(self) -> float:
