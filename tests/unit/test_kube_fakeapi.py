@@ -59,6 +59,37 @@ def test_rejects_like_a_real_server(path, params, status, reason, violation):
     run(main())
 
 
+FIELD_SELECTORS = [
+    # (id, server minor, fieldSelector, status, violation)
+    ("cluster-ip-1.32", 32, "spec.clusterIP!=None", 200, False),
+    ("type-1.32", 32, "spec.type=ClusterIP", 200, False),
+    # Before 1.31 (kubernetes PR #123905) Services had no such field selectors:
+    # a 400 that is the old server's limit, not the client's mistake.
+    ("cluster-ip-1.30", 30, "spec.clusterIP!=None", 400, False),
+    ("metadata-1.30", 30, "metadata.name=a", 200, False),
+    ("never-a-field", 32, "spec.selector=x", 400, True),
+]
+
+
+@pytest.mark.parametrize("minor,selector,status,violation", [c[1:] for c in FIELD_SELECTORS],
+                         ids=[c[0] for c in FIELD_SELECTORS])
+def test_field_selectors_by_server_version(minor, selector, status, violation):
+    async def main():
+        api = FakeAPIServer(strict=False, minor=minor)
+        async with api, aiohttp.ClientSession() as s:
+            api.apply_all([service("a", "10.96.2.1"), service("h", "None")])
+            got, body = await _get(api, s, "/api/v1/services", fieldSelector=selector)
+            assert got == status, body
+            if status == 200:
+                want = {"spec.clusterIP!=None": ["a"], "spec.type=ClusterIP": ["a", "h"], "metadata.name=a": ["a"]}
+                assert [i["metadata"]["name"] for i in body["items"]] == want[selector]
+            else:
+                assert body["message"] == f"field label not supported: {selector.split('=')[0].rstrip('!')}"
+            assert bool(api.violations) is violation, api.violations
+
+    run(main())
+
+
 def test_strict_server_fails_the_test_on_violations():
     async def main():
         with pytest.raises(AssertionError, match="unknown query parameter"):
