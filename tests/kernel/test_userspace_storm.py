@@ -2,10 +2,12 @@
 
 DESIGN.md records uvloop crashing (heap corruption) in Protocol-pair relays
 that pass half-close on with ``write_eof()`` under many short connections
-(MagicStack/uvloop#706, #649).  Our relay uses no transports (splice on raw
-descriptors driven by add_reader/add_writer); this proves it survives the
-same load on the loop it runs on (uvloop: 100,000 connections) and on
-stdlib asyncio (20,000), with no error and a flat descriptor count.
+(MagicStack/uvloop#706, #649).  Our relay uses no transports (raw sockets
+in one edge-triggered epoll set of its own, which the loop watches through
+one descriptor; small flows copied, bulk ones spliced); this proves it
+survives the same load on the loop ``kubelab proxy`` runs it on (uvloop:
+100,000 connections) and on stdlib asyncio (20,000), with no error and a
+flat descriptor count.
 
 Each connection: connect, send an HTTP request, ``shutdown(SHUT_WR)``
 (half-close), read the whole reply until EOF, close.  The backend is an
