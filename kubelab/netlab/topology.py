@@ -110,6 +110,7 @@ class Topology:
         self.settings = settings
         self.lab = settings.name
         self._nl = _Netlink({})
+        self._bridge_index: dict[str, int] = {}  # node namespace -> ifindex of its cbr0
         self._underlay_prefix = ipaddress.ip_network(settings.underlay_cidr).prefixlen
 
     def close(self) -> None:
@@ -132,7 +133,8 @@ class Topology:
 
     @staticmethod
     def _up(ipr: IPRoute, ifname: str, address: str | None = None, prefixlen: int = 0) -> int:
-        idx = ipr.link_lookup(ifname=ifname)[0]
+        # Loopback is always interface 1 of a namespace: one netlink lookup less per pod.
+        idx = 1 if ifname == "lo" else ipr.link_lookup(ifname=ifname)[0]
         if address:
             ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
         ipr.link("set", index=idx, state="up")
@@ -174,7 +176,7 @@ class Topology:
         # takes the lowest MAC of its ports, which changes as pods come and go,
         # and every pod's neighbour entry for its gateway goes stale.
         ipr.link("add", ifname=BRIDGE, kind="bridge", address=mac_for(str(cidr.network_address + 1)))
-        self._up(ipr, BRIDGE, str(cidr.network_address + 1), cidr.prefixlen)
+        self._bridge_index[n] = self._up(ipr, BRIDGE, str(cidr.network_address + 1), cidr.prefixlen)
         for j, other in enumerate(s.nodes):
             if j != index:
                 ipr.route("add", dst=str(s.node_pod_cidr(j)), gateway=s.node_ip(j))
@@ -200,7 +202,8 @@ class Topology:
         # neighbour entries the node and other pods still hold stay right
         # instead of black-holing the new pod until they expire (~30 s).
         idx = self._veth(n, veth, p, "eth0", mac_for(ip))
-        ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+        bridge = self._bridge_index.get(n) or ipr.link_lookup(ifname=BRIDGE)[0]
+        ipr.link("set", index=idx, master=bridge, state="up")
         with contextlib.suppress(Exception):  # hairpin: a pod reaching itself via its Service
             # IFLA_BRPORT_MODE is pyroute2's ``mode``; it silently ignores unknown keywords such as ``hairpin_mode``.
             ipr.brport("set", index=idx, mode=1)
