@@ -152,7 +152,8 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
     """Defaults, then --config FILE, then every flag that was given."""
     base = ProxyConfig()
     if args.config:
-        base, _ = load_config_file(args.config)
+        # The mode that will run picks the file's section (a --proxy-mode flag wins).
+        base, _ = load_config_file(args.config, mode=args.proxy_mode)
     return merge_flags(
         base,
         {

@@ -17,10 +17,16 @@ instead.  Durations are Go duration strings (``"30s"``, ``"1m0s"``,
 (client connection tuning, OOM score, winkernel, ...) are accepted and
 validated so real files load unchanged; :data:`UNUSED_FIELDS` lists them.
 
+Defaulting is kube-proxy's (``SetDefaults_KubeProxyConfiguration``), so a
+kubeadm ConfigMap, full of ``0s``, ``""`` and ``null``, means what it means to
+kube-proxy: ``null`` is unset; ``healthzBindAddress``/``metricsBindAddress``
+``""`` are the defaults (``0.0.0.0:10256``/``127.0.0.1:10249``, the IPv6
+equivalents for an IPv6 ``bindAddress``), a bare IP gets the default port.
+
 Which sync periods apply depends on the mode, as in kube-proxy:
-``iptables.{syncPeriod,minSyncPeriod}`` for iptables and userspace,
-``ipvs.*`` for ipvs (falling back to the iptables values when zero),
-``nftables.*`` for nftables.
+``iptables.{syncPeriod,minSyncPeriod}`` for iptables and userspace (0 means
+30s / 1s), ``ipvs.*`` for ipvs (syncPeriod 0 means 30s; minSyncPeriod 0 stays
+0, kube-proxy's IPVS default: no rate limit), ``nftables.*`` for nftables.
 
 :func:`merge_flags` lays explicitly given command-line flags over the file:
 flags win, as in kube-proxy.
@@ -174,9 +180,11 @@ def _host_port(v: Any) -> str:
     text = _str(v)
     if text == "":
         return ""
+    if _is_ip(text.strip("[]")):
+        return text  # a bare IP: the caller appends the default port, as kube-proxy's AppendPortIfNeeded
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
     if not m:
-        raise ValueError(f"{text!r} must be IP:port (e.g. 0.0.0.0:10256 or [::]:10256)")
+        raise ValueError(f"{text!r} must be IP:port or IP (e.g. 0.0.0.0:10256 or [::]:10256)")
     host = m.group(1) or m.group(3) or ""
     port = int(m.group(2) or m.group(4))
     if host:
@@ -187,6 +195,30 @@ def _host_port(v: Any) -> str:
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} in {text!r} must be 1-65535")
     return text
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bind_address(value: str, bind_address: str, default_host_v4: str, default_host_v6: str, port: int) -> str:
+    """kube-proxy's defaulting of healthzBindAddress / metricsBindAddress.
+
+    Empty: the default host of bindAddress's family (IPv6 bindAddress -> IPv6
+    default) and the default port; a bare IP gets the default port appended.
+    """
+    if value == "":
+        v6 = _is_ip(bind_address) and ipaddress.ip_address(bind_address).version == 6
+        host = default_host_v6 if v6 else default_host_v4
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bare = value.strip("[]")
+    if _is_ip(bare):
+        return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+    return value
 
 
 def _choice(choices: tuple[str, ...], blank_ok: bool = True) -> Callable[[Any], str]:
@@ -332,14 +364,25 @@ def _walk(data: Mapping, schema: Mapping, prefix: str, out: dict[str, Any], wher
                 raise ConfigError(f"{where(path)}: {path} must be a mapping, got {value!r}")
             _walk(value, rule, path + ".", out, where)
             continue
+        if value is None:
+            # `field: null` is "not set" to Go's decoder (nil pointer or zero
+            # value), then defaulted: kubeadm's ConfigMap is full of them
+            # (conntrack.maxPerCore, iptables.masqueradeBit, oomScoreAdj ...).
+            continue
         try:
             out[path] = rule(value)
         except ValueError as e:
             raise ConfigError(f"{where(path)}: {path}: {e}") from None
 
 
-def parse_config(text: str, source: str = "<config>") -> tuple[ProxyConfig, frozenset[str]]:
-    """Parse KubeProxyConfiguration text; returns the config and which ProxyConfig fields it set."""
+def parse_config(text: str, source: str = "<config>", mode: str | None = None) -> tuple[ProxyConfig, frozenset[str]]:
+    """Parse KubeProxyConfiguration text; returns the config and which ProxyConfig fields it set.
+
+    ``mode`` is the proxy mode that will actually run when a ``--proxy-mode``
+    flag overrides the file's: it picks the section (iptables, ipvs, nftables)
+    the sync periods and masquerade settings come from, as kube-proxy reads
+    them after its flags are applied.
+    """
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -364,20 +407,22 @@ def parse_config(text: str, source: str = "<config>") -> tuple[ProxyConfig, froz
         raise ConfigError(f"{where('kind')}: kind is {data.get('kind')!r}; expected {KIND!r}")
     values: dict[str, Any] = {}
     _walk(data, SCHEMA, "", values, where)
-    return _to_proxy_config(values, where)
+    return _to_proxy_config(values, where, mode)
 
 
-def load_config_file(path: str | Path) -> tuple[ProxyConfig, frozenset[str]]:
-    """Read ``--config FILE``; errors name the file."""
+def load_config_file(path: str | Path, mode: str | None = None) -> tuple[ProxyConfig, frozenset[str]]:
+    """Read ``--config FILE``; errors name the file.  ``mode``: as :func:`parse_config`."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read --config file: {e.strerror}") from None
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), mode)
 
 
-def _to_proxy_config(v: dict[str, Any], where: Callable[[str], str]) -> tuple[ProxyConfig, frozenset[str]]:
+def _to_proxy_config(
+    v: dict[str, Any], where: Callable[[str], str], mode_override: str | None = None
+) -> tuple[ProxyConfig, frozenset[str]]:
     fields: dict[str, Any] = {}
 
     def put(name: str, key: str, transform: Callable[[Any], Any] = lambda x: x) -> None:
@@ -396,12 +441,19 @@ def _to_proxy_config(v: dict[str, Any], where: Callable[[str], str]) -> tuple[Pr
     put("bridge_interface", "detectLocal.bridgeInterface")
     put("interface_name_prefix", "detectLocal.interfaceNamePrefix")
     put("nodeport_addresses", "nodePortAddresses")
-    put("metrics_bind_address", "metricsBindAddress")
-    put("healthz_bind_address", "healthzBindAddress")
-    put("config_sync_period", "configSyncPeriod")
+    # As kube-proxy's v1alpha1 defaulting: in the file, "" means the default
+    # address (only an explicit --metrics-bind-address "" flag disables a server).
+    bind = v.get("bindAddress") or "0.0.0.0"
+    if "metricsBindAddress" in v:
+        fields["metrics_bind_address"] = _bind_address(v["metricsBindAddress"], bind, "127.0.0.1", "::1", 10249)
+    if "healthzBindAddress" in v:
+        fields["healthz_bind_address"] = _bind_address(v["healthzBindAddress"], bind, "0.0.0.0", "::", 10256)
+    if v.get("configSyncPeriod"):  # 0 means the default (15m), as kube-proxy
+        fields["config_sync_period"] = v["configSyncPeriod"]
     put("feature_gates", "featureGates")
     put("iptables_localhost_nodeports", "iptables.localhostNodePorts")
-    put("udp_idle_timeout", "udpIdleTimeout")
+    if v.get("udpIdleTimeout"):  # 0 means the default (250ms), as kube-proxy
+        fields["udp_idle_timeout"] = v["udpIdleTimeout"]
     put("conntrack_tcp_timeout_established", "conntrack.tcpEstablishedTimeout")
     put("conntrack_tcp_timeout_close_wait", "conntrack.tcpCloseWaitTimeout")
     # ipvs
@@ -418,21 +470,23 @@ def _to_proxy_config(v: dict[str, Any], where: Callable[[str], str]) -> tuple[Pr
             raise ConfigError(f"{where('logging')}: logging.verbosity must be a non-negative integer, got {verbosity!r}")
         fields["verbosity"] = verbosity
 
-    # Masquerading and sync periods come from the section of the chosen mode.
-    section = {"ipvs": "ipvs", "nftables": "nftables"}.get(mode, "iptables")
+    # Masquerading and sync periods come from the section of the mode that runs.
+    section = {"ipvs": "ipvs", "nftables": "nftables"}.get(mode_override or mode, "iptables")
     for name, key in (("masquerade_all", "masqueradeAll"), ("masquerade_bit", "masqueradeBit")):
         sec = "nftables" if section == "nftables" else "iptables"
         if v.get(f"{sec}.{key}") is not None:
             fields[name] = v[f"{sec}.{key}"]
-    # A zero syncPeriod means "default" (v1alpha1 defaulting); an explicit
-    # minSyncPeriod of 0s is kept (no rate limit), as kube-proxy's ipvs default.
-    sync = v.get(f"{section}.syncPeriod") or v.get("iptables.syncPeriod")
+    # kube-proxy's v1alpha1 defaulting: a zero (or absent) syncPeriod is 30s in
+    # every section; a zero minSyncPeriod is 1s for iptables (and nftables) but
+    # stays 0 for ipvs -- the IPVS proxier is not rate limited by default.
+    sync = v.get(f"{section}.syncPeriod")
     if sync:
         fields["sync_period"] = sync
-    if f"{section}.minSyncPeriod" in v:
-        fields["min_sync_period"] = v[f"{section}.minSyncPeriod"]
-    elif "iptables.minSyncPeriod" in v:
-        fields["min_sync_period"] = v["iptables.minSyncPeriod"]
+    min_sync = v.get(f"{section}.minSyncPeriod")
+    if section == "ipvs":
+        fields["min_sync_period"] = min_sync or 0.0
+    elif min_sync:
+        fields["min_sync_period"] = min_sync
     sync = fields.get("sync_period", ProxyConfig.sync_period)
     min_sync = fields.get("min_sync_period", ProxyConfig.min_sync_period)
     if min_sync > sync:
@@ -440,8 +494,6 @@ def _to_proxy_config(v: dict[str, Any], where: Callable[[str], str]) -> tuple[Pr
             f"{where(section + '.syncPeriod')}: {section}.syncPeriod ({sync:g}s) must be greater than or equal "
             f"to {section}.minSyncPeriod ({min_sync:g}s)"
         )
-    if "config_sync_period" in fields and fields["config_sync_period"] <= 0:
-        raise ConfigError(f"{where('configSyncPeriod')}: configSyncPeriod must be greater than 0")
     return ProxyConfig(**fields), frozenset(fields)
 
 

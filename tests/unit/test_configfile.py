@@ -133,7 +133,24 @@ FIELDS = [
     ("ipvs-scheduler", "ipvs: {scheduler: sh}", "ipvs_scheduler", "sh"),
     ("ipvs-sync-for-ipvs-mode", "mode: ipvs\nipvs: {syncPeriod: 45s, minSyncPeriod: 0s}", "sync_period", 45.0),
     ("ipvs-min-sync-zero", "mode: ipvs\nipvs: {syncPeriod: 45s, minSyncPeriod: 0s}", "min_sync_period", 0.0),
-    ("ipvs-zero-sync-falls-back", "mode: ipvs\niptables: {syncPeriod: 20s}\nipvs: {syncPeriod: 0s}", "sync_period", 20.0),
+    # kube-proxy's defaulting (SetDefaults_KubeProxyConfiguration): zero is "the default" ...
+    ("ipvs-zero-sync-is-30s", "mode: ipvs\niptables: {syncPeriod: 20s}\nipvs: {syncPeriod: 0s}", "sync_period", 30.0),
+    ("ipvs-min-sync-defaults-to-zero", "mode: ipvs\niptables: {minSyncPeriod: 2s}", "min_sync_period", 0.0),
+    ("iptables-zero-min-sync-is-1s", "iptables: {minSyncPeriod: 0s, syncPeriod: 0s}", "min_sync_period", 1.0),
+    ("iptables-zero-sync-is-30s", "iptables: {minSyncPeriod: 0s, syncPeriod: 0s}", "sync_period", 30.0),
+    ("config-sync-zero-is-15m", "configSyncPeriod: 0s", "config_sync_period", 900.0),
+    ("udp-idle-zero-is-250ms", "udpIdleTimeout: 0s", "udp_idle_timeout", 0.25),
+    ("healthz-blank-is-default", "healthzBindAddress: ''", "healthz_bind_address", "0.0.0.0:10256"),
+    ("metrics-blank-is-default", "metricsBindAddress: ''", "metrics_bind_address", "127.0.0.1:10249"),
+    ("healthz-blank-v6-bind", "bindAddress: '::'\nhealthzBindAddress: ''", "healthz_bind_address", "[::]:10256"),
+    ("metrics-blank-v6-bind", "bindAddress: '::'\nmetricsBindAddress: ''", "metrics_bind_address", "[::1]:10249"),
+    ("healthz-bare-ip-gets-port", "healthzBindAddress: 0.0.0.0", "healthz_bind_address", "0.0.0.0:10256"),
+    ("metrics-bare-v6-gets-port", "metricsBindAddress: '::1'", "metrics_bind_address", "[::1]:10249"),
+    # ... and null is "not set" (kubeadm writes these)
+    ("null-masquerade-bit", "iptables: {masqueradeBit: null}", "masquerade_bit", 14),
+    ("null-conntrack", "conntrack: {maxPerCore: null, tcpCloseWaitTimeout: null}", "conntrack_tcp_timeout_close_wait",
+     ProxyConfig().conntrack_tcp_timeout_close_wait),
+    ("null-oom", "oomScoreAdj: null", "proxy_mode", "iptables"),
     ("ipvs-sync-ignored-in-iptables-mode", "ipvs: {syncPeriod: 45s}", "sync_period", 30.0),
     ("strict-arp", "ipvs: {strictARP: true}", "ipvs_strict_arp", True),
     ("exclude-cidrs", "ipvs: {excludeCIDRs: [192.0.2.0/24]}", "ipvs_exclude_cidrs", ("192.0.2.0/24",)),
@@ -170,7 +187,8 @@ ERRORS = [
     ("bad-cidr", "clusterCIDR: 10.244.0.0/33", ["clusterCIDR", "valid CIDR"]),
     ("two-v4-cidrs", "clusterCIDR: 10.0.0.0/8,10.1.0.0/16", ["one IPv4 and one IPv6"]),
     ("bad-bind", "bindAddress: localhost", ["bindAddress", "not a valid IP address"]),
-    ("bad-healthz", "healthzBindAddress: 0.0.0.0", ["healthzBindAddress", "must be IP:port"]),
+    ("bad-healthz", "healthzBindAddress: localhost:10256", ["healthzBindAddress", "must be a valid IP"]),
+    ("bad-healthz-host", "healthzBindAddress: localhost", ["healthzBindAddress", "must be IP:port or IP"]),
     ("bad-healthz-port", "healthzBindAddress: 0.0.0.0:99999", ["must be 1-65535"]),
     ("bad-nodeport-addresses", "nodePortAddresses: [eth0]", ["nodePortAddresses", "'eth0' is not a valid IP block"]),
     ("wrong-type-bool", "iptables: {masqueradeAll: 'yes'}", ["iptables.masqueradeAll", "true or false"]),
@@ -225,6 +243,15 @@ def test_flags_override_file():
     assert merged.proxy_mode == "iptables"  # flag given: wins
     assert merged.masquerade_all is True  # flag not given: file stands
     assert merged.cluster_cidr == ("10.244.0.0/16",)
+
+
+def test_mode_override_picks_the_section():
+    """--proxy-mode over a file written for another mode: that mode's section applies, as in kube-proxy."""
+    text = HEADER + "mode: ipvs\niptables: {minSyncPeriod: 2s, syncPeriod: 1m0s}\nipvs: {minSyncPeriod: 0s, syncPeriod: 45s}\n"
+    as_ipvs, _ = parse_config(text)
+    as_iptables, _ = parse_config(text, mode="iptables")
+    assert (as_ipvs.min_sync_period, as_ipvs.sync_period) == (0.0, 45.0)
+    assert (as_iptables.min_sync_period, as_iptables.sync_period) == (2.0, 60.0)
 
 
 def test_flags_min_above_sync_is_an_error():

@@ -349,6 +349,96 @@ def test_config_file_and_flag_override(manifests, tmp_path):
     assert "iptables mode on node from-file" in r.stderr and "min-sync-period 2s, sync-period 60s" in r.stderr
 
 
+# config.conf of kubeadm's kube-proxy ConfigMap (`kubectl -n kube-system get cm
+# kube-proxy -o yaml`), as a v1.30 cluster carries it, switched to IPVS.
+KUBEADM_CONFIG_CONF = """\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 0
+  contentType: ""
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: node-a
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: lc
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: ""
+mode: ipvs
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"""
+
+
+def test_kubeadm_config_conf_drives_a_real_mode(tmp_path):
+    """A real KubeProxyConfiguration alone picks mode, node, scheduler and servers (no flags but the source)."""
+    cfg = tmp_path / "config.conf"
+    cfg.write_text(KUBEADM_CONFIG_CONF)
+    r = kubelab("--config", str(cfg), "--source", str(REPO / "examples" / "basic"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "kubelab proxy ipvs mode on node node-a" in r.stderr
+    assert "-A -t 10.96.100.10:80 -s lc" in r.stdout  # default/web, with the file's scheduler
+    # kube-proxy's defaulting of the file's zeros, blanks and nulls
+    assert "min-sync-period 0s, sync-period 30s" in r.stderr  # ipvs: minSyncPeriod 0 stays 0, syncPeriod 0 is 30s
+    cfg_ = proxy_cli.build_config(_parse("--config", str(cfg)))
+    assert (cfg_.metrics_bind_address, cfg_.healthz_bind_address) == ("127.0.0.1:10249", "0.0.0.0:10256")
+    assert cfg_.cluster_cidr == ("10.244.0.0/16",) and cfg_.masquerade_bit == 14 and cfg_.config_sync_period == 900
+    # an explicit flag "" still disables a server
+    assert proxy_cli.build_config(_parse("--config", str(cfg), "--metrics-bind-address", "")).metrics_bind_address == ""
+
+
 @pytest.mark.parametrize(
     "args,code,message",
     [
