@@ -3,7 +3,8 @@
 The proxy runs with a real mode (userspace: listeners plus iptables portal
 rules; iptables: kube-proxy's NAT chains) on a folder of manifests; curl inside the namespace
 reaches a real backend through the cluster IP, before and after the folder
-is edited, and asks the real default endpoints ``127.0.0.1:10249/metrics``
+is edited (and when an edit is invalid: the last good version keeps
+serving), and asks the real default endpoints ``127.0.0.1:10249/metrics``
 and ``:10256/healthz`` -- the namespace has its own loopback, so the default
 ports never collide with the host or other tests.
 
@@ -138,6 +139,19 @@ def test_proxy_in_netns(mode, netns, backend, tmp_path):
         (manifests / "web.yaml").write_text(SERVICE.format(port=81))
         _until(lambda: _curl(netns, "http://172.30.0.10:81/")[1] == "hello from the backend\n",
                lambda: f"port 81 after the edit; log: {log.read_text()[-3000:]}")
+
+        # Bad input among good: the service edited into an invalid one (port 82 with
+        # an unknown protocol) and a file of broken YAML.  Both are reported by
+        # file and field; the last good version (port 81) keeps carrying traffic.
+        (manifests / "web.yaml").write_text(SERVICE.format(port=82).replace("    protocol: TCP\n    targetPort",
+                                                                             "    protocol: ICMP\n    targetPort", 1))
+        (manifests / "zz-broken.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: x\n")
+        _until(lambda: "spec.ports[0].protocol" in log.read_text() and "zz-broken.yaml" in log.read_text(),
+               lambda: f"both errors logged; log: {log.read_text()[-3000:]}")
+        errors = log.read_text()
+        assert "web.yaml:1: Service default/web: spec.ports[0].protocol: Unsupported value: \"ICMP\"" in errors
+        assert _curl(netns, "http://172.30.0.10:81/")[1] == "hello from the backend\n"
+        assert _curl(netns, "http://172.30.0.10:82/")[0] != 0
 
         # kube-proxy's default endpoints, inside the namespace.
         code, body = _curl(netns, "http://127.0.0.1:10249/metrics")
