@@ -12,7 +12,9 @@ wall time, plus a check that a pod on the last node answers.  Needs root.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
 import time
 
 from kubelab.netlab.lab import Lab
@@ -76,6 +78,10 @@ def main() -> None:
                          "several, comma-separated (none,iptables), alternate within each run so they share the load")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    # A background job of a non-interactive shell ignores SIGINT, and SIGTERM
+    # would end Python without its finally blocks: both exit cleanly (the lab goes down).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     docs = manifests(args.pods, args.services)
     results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
