@@ -64,7 +64,7 @@ itself and re-watches from an RV that is gone, reads events with
 ``readline()`` (aiohttp refuses a line over its buffer size: an
 EndpointSlice with a thousand endpoints), and deserialising into model
 classes costs 3.5-25x a plain ``json.loads`` of the same 10,000-Service list
-(medians of three runs on a loaded machine), and still 1.6-2.8x json plus our
+(medians of four runs on a loaded machine), and still 1.5-2.8x json plus our
 own validating parser (``bench/kube_api_decode.py``, BENCHMARKS.md); our
 objects module parses plain dicts anyway.
 
