@@ -13,7 +13,9 @@ For N services x E endpoints (default 10,000 x 5) and each backend (nft, legacy)
 * B -- ``iptables-<backend>-restore -w 5 --noflush --counters`` alone loading
   the very text A rendered, into another fresh namespace entered as A's
   runner enters it (setns).  Timed: the command.  (A's restore input also
-  carries the jump rules and canary chains, which B's lacks.)
+  carries the jump rules and canary chains, which B's lacks.  On nft both
+  carry the whole-table-cache "-S" line, see kubelab/modes/iptables/kernel.py,
+  with its output to /dev/null.)
 
 Reported per backend: medians over the pairs with their spread (min-max),
 the per-pair ratio A/B (target <= 1.25) of wall time and of CPU time (user +
@@ -84,7 +86,7 @@ def build(n: int, e: int):
     return b
 
 
-def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fast_load: bool = False) -> dict:
+def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str) -> dict:
     """Run A in this (fresh) process: full sync, partial syncs, memory; write the full-sync text."""
     import asyncio
     import logging
@@ -101,20 +103,6 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fas
     deps = ModeDeps(config=ProxyConfig(cluster_cidr=("10.0.0.0/8",)), node=state.node,
                     logger=logging.getLogger("bench"), run=Runner(ns, timeout=7200), extra={"iptables_backend": backend})
     p = IPTablesProxier(deps)
-    if fast_load:
-        # Benchmark shortcut for the partial-sync figures only: a table-wide "-Z"
-        # (zero counters) makes iptables-nft fetch every chain at once instead of
-        # building its cache request chain by chain (quadratic: 60k chains take
-        # tens of minutes).  The full-sync time of such a run is not reported.
-        ipt, stream = p.iptables, p.iptables.restore_stream
-
-        def first_with_zero(chunks, _done=[]):  # noqa: B006 - once per process
-            if not _done:
-                _done.append(True)
-                chunks = (c.replace("*nat\n", "*nat\n-Z\n", 1) for c in chunks)
-            return stream(chunks)
-
-        ipt.restore_stream = first_with_zero
     c0 = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     asyncio.run(p.sync_proxy_rules(state))
@@ -150,12 +138,12 @@ def child(backend: str, n: int, e: int, repeat: int, ns: str, text_out: str, fas
             "chains": text.count("\n:")}
 
 
-def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str, fast_load: bool = False) -> dict:
+def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str) -> dict:
     ns = netns(f"{tag}-a")
     try:
         argv = [sys.executable, __file__, "--child", backend, str(n), str(e), str(repeat), ns, text_out]
         for attempt in (1, 2):
-            r = subprocess.run(argv + (["--fast-load"] if fast_load else []), capture_output=True, text=True)
+            r = subprocess.run(argv, capture_output=True, text=True)
             if r.returncode == 0:
                 return json.loads(r.stdout.strip().splitlines()[-1])
             # A shared box: e.g. another program held the (legacy) xtables lock past -w 5.
@@ -168,16 +156,26 @@ def run_a(backend: str, n: int, e: int, repeat: int, tag: str, text_out: str, fa
 
 
 def run_b(backend: str, tag: str, text_path: str) -> tuple[float, float]:
+    from kubelab.modes.iptables.kernel import WholeTableCache
     from kubelab.proxy.kernel.exec import _InNetns
 
     ns = netns(f"{tag}-b")
     try:
         with open(text_path) as f:
+            text = f.read()
+        if backend == "nft":
+            # The very input A's restore read: with the whole-table cache line (kernel.py).
+            text = "".join(WholeTableCache([text]))
+        with tempfile.TemporaryFile("w+") as f:
+            f.write(text)
+            f.seek(0)
+            del text
             # Entered the way A's Runner enters its namespace (setns, no `ip netns exec`).
             with _InNetns(ns):
                 c0 = cpu_seconds(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                subprocess.run([f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"], stdin=f, check=True)
+                subprocess.run([f"iptables-{backend}-restore", "-w", "5", "--noflush", "--counters"], stdin=f,
+                               stdout=subprocess.DEVNULL, check=True)
                 return time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0
     finally:
         drop_netns(ns)
@@ -231,7 +229,7 @@ def bench_backend(backend: str, n: int, e: int, pairs: int, repeat: int) -> dict
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         backend, n, e, repeat, ns, out = sys.argv[2:8]
-        print(json.dumps(child(backend, int(n), int(e), int(repeat), ns, out, fast_load="--fast-load" in sys.argv)))
+        print(json.dumps(child(backend, int(n), int(e), int(repeat), ns, out)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=10000)
@@ -241,8 +239,7 @@ def main() -> int:
     ap.add_argument("--backend", action="append", choices=["nft", "legacy"])
     ap.add_argument("--json", metavar="FILE", help="also write the figures here")
     ap.add_argument("--partial-only", action="store_true",
-                    help="one kubelab run per backend for the partial-sync and memory figures; its initial load uses "
-                         "a table-wide -Z (see the code) and no full-sync ratio is measured")
+                    help="one kubelab run per backend for the partial-sync and memory figures (no restore-alone run)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root: the benchmark creates network namespaces", file=sys.stderr)
@@ -252,7 +249,7 @@ def main() -> int:
         if args.partial_only:
             with tempfile.TemporaryDirectory() as tmp:
                 a = run_a(backend, args.services, args.endpoints, args.repeat, f"kl-ipt-bench-{os.getpid()}",
-                          os.path.join(tmp, "restore.txt"), fast_load=True)
+                          os.path.join(tmp, "restore.txt"))
             renders = [t["render"] for t in a["partial_timings"]]
             print(f"{backend}: {args.services}x{args.endpoints} ({a['chains']} chains) partial sync "
                   f"{spread(a['partial'], 1000, '{:.1f}')} ms (n={len(a['partial'])}; its render "

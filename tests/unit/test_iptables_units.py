@@ -224,3 +224,33 @@ def test_bad_flags_say_how_to_fix():
 def test_nodeport_addresses(values, match_all, loopback):
     npa = NodePortAddresses.parse(values)
     assert (npa.match_all, npa.contains_ipv4_loopback()) == (match_all, loopback)
+
+
+def test_whole_table_cache_adds_list_line_and_moves_builtin_rules_to_a_second_nat_batch():
+    """nft full syncs: "-S" first in nat (one table dump instead of a quadratic chain list), the
+    built-in-chain rules in a second nat batch; failing lines map back to the text as given,
+    however the text was cut into chunks."""
+    import random
+
+    from kubelab.modes.iptables.kernel import WHOLE_TABLE_CACHE, WholeTableCache
+
+    text = ("*filter\n:KUBE-FORWARD - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j RETURN\n"
+            "-I OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+            "-A KUBE-SERVICES -j ACCEPT\n-I PREROUTING -j KUBE-SERVICES\nCOMMIT\n*mangle\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+    lines = text.splitlines(keepends=True)
+    rng = random.Random(4)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(lines)), rng.randint(0, len(lines) - 1)))
+        w = WholeTableCache(["".join(lines[a:b]) for a, b in zip([0, *cuts], [*cuts, len(lines)])])
+        out = "".join(w)
+        assert out == ("*filter\n:KUBE-FORWARD - [0:0]\nCOMMIT\n*nat\n" + WHOLE_TABLE_CACHE + "\n:KUBE-SERVICES - [0:0]\n"
+                       "-A KUBE-SERVICES -j RETURN\n-A KUBE-SERVICES -j ACCEPT\nCOMMIT\n*nat\n"
+                       "-I OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+                       "-I PREROUTING -j KUBE-SERVICES\nCOMMIT\n*mangle\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+        given = text.splitlines()
+        for n, line in enumerate(out.splitlines(), 1):
+            back = w.input_line(n)
+            if back is None:
+                assert line in (WHOLE_TABLE_CACHE, "*nat", "COMMIT")
+            else:
+                assert given[back - 1] == line, (n, back)

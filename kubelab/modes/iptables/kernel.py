@@ -32,6 +32,101 @@ WAIT_INTERVAL_US = "100000"  # -W: how often to retry it
 RESTORE_TIMEOUT = 1800.0  # seconds
 
 
+# iptables-nft (1.8.x) keeps the chain names a restore mentions in a sorted linked
+# list (nft-cache.c, cache_chain_list_insert), walked once per line: a full sync
+# naming 60k chains spends O(chains^2) there -- over half an hour for 10,000
+# services x 5 endpoints, most of a restore's time from ~2,000 chains on.  One
+# command naming no chain makes it cache the whole table with one dump and skip
+# the list.  "-S" (list rules) is that command without side effects ("-Z" would
+# zero other programs' counters; "-F" and "-X" would delete their rules); it
+# prints the table as it was before this restore, to /dev/null.  In such a
+# batch iptables-nft takes built-in chains missing from the kernel as present
+# (listings show them), so rules for them fail with ENOENT: those few lines
+# (the jumps into KUBE-SERVICES etc.) go in a second nat batch of the same
+# restore, committed right after the first.
+WHOLE_TABLE_CACHE = "-S"
+_BUILTIN_RULE = re.compile(r"^-[AIDR] (?:PREROUTING|INPUT|OUTPUT|POSTROUTING) .*\n", re.M)
+
+
+class WholeTableCache:
+    """Restore text ``chunks`` with :data:`WHOLE_TABLE_CACHE` in the nat table and its built-in-chain
+    rules moved to a second nat batch right after it (see above); other tables pass unchanged.
+
+    After iteration, :meth:`input_line` maps a line number of the produced text
+    back to the given text's (None for the lines added here).
+    """
+
+    def __init__(self, chunks: Iterable[str]) -> None:
+        self._chunks = chunks
+        self.at: int | None = None  # the -S line, in the produced text
+        self._moved: list[int] = []  # input line numbers of the moved rules
+        self._second: int | None = None  # the second batch's "*nat" line, in the produced text
+
+    def __iter__(self):
+        lines_in = 0  # complete input lines before the current chunk
+        lines_out = 0
+        state = "before"  # before the nat table, in it, after it
+        held: list[str] = []
+        for chunk in self._chunks:
+            out = chunk
+            if state == "before":
+                i = 0 if chunk.startswith("*nat\n") else chunk.find("\n*nat\n") + 1
+                if chunk.startswith("*nat\n") or i > 0:
+                    head = i + len("*nat\n")
+                    self.at = lines_out + chunk.count("\n", 0, head) + 1
+                    out = chunk = f"{chunk[:head]}{WHOLE_TABLE_CACHE}\n{chunk[head:]}"
+                    lines_in -= 1  # the added line is no input line
+                    state = "nat"
+            if state == "nat":
+                start = chunk.find("*nat\n") + 1 if self.at is not None and "*nat\n" in chunk else 0
+                if start == 0 and chunk.startswith("COMMIT\n"):
+                    commit = 0
+                else:
+                    end = chunk.find("\nCOMMIT\n", start)
+                    commit = end + 1 if end >= 0 else -1
+                body, tail = (chunk, "") if commit < 0 else (chunk[:commit], chunk[commit:])
+                kept, pos = [], 0
+                for m in _BUILTIN_RULE.finditer(body):
+                    self._moved.append(lines_in + body.count("\n", 0, m.start()) + 1)
+                    held.append(m.group())
+                    kept.append(body[pos:m.start()])
+                    pos = m.end()
+                if pos:
+                    kept.append(body[pos:])
+                    body = "".join(kept)
+                if commit >= 0:
+                    # tail starts with the nat table's COMMIT line.
+                    second = f"*nat\n{''.join(held)}COMMIT\n" if held else ""
+                    if second:
+                        self._second = lines_out + body.count("\n") + 2
+                    tail = tail[:len("COMMIT\n")] + second + tail[len("COMMIT\n"):]
+                    state = "after"
+                out = body + tail
+            lines_in += chunk.count("\n")
+            lines_out += out.count("\n")
+            yield out
+
+    def input_line(self, line: int) -> int | None:
+        """The given text's line number for ``line`` of the produced text (None: a line added here)."""
+        if self.at is None or line < self.at:
+            return line
+        if line == self.at:
+            return None
+        if self._second is not None and line >= self._second:
+            k = line - self._second - 1
+            if 0 <= k < len(self._moved):
+                return self._moved[k]
+            if line <= self._second + len(self._moved) + 1:
+                return None  # the second batch's *nat / COMMIT
+            return line - 3  # after the second batch: -S, *nat and COMMIT were added
+        n = line - 1
+        moved = sorted(self._moved)
+        shift = 0
+        while shift < len(moved) and moved[shift] <= n + shift:
+            shift += 1
+        return n + shift
+
+
 class IPTablesError(RuntimeError):
     """An iptables command failed."""
 
@@ -88,20 +183,29 @@ class IPTables:
     def restore_stream(self, chunks: Iterable[str]) -> None:
         """Like :meth:`restore_all`, piping ``chunks`` to the restore as they come (runner with ``stream``).
 
-        With a runner that cannot stream (test fakes) the chunks are joined and
-        handed over as one text.  The failing line number, when there is one,
-        counts lines of the concatenated chunks.
+        For full syncs.  With a runner that cannot stream (test fakes) the
+        chunks are joined and handed over as one text.  On the nft backend the
+        nat table gets :data:`WHOLE_TABLE_CACHE` (see :class:`WholeTableCache`).
+        The failing line number, when there is one, counts lines of the
+        concatenated chunks as given (the added line is not counted).
         """
         stream = getattr(self.run, "stream", None)
         if stream is None:
             self.restore_all("".join(chunks))
             return
         argv = [self._tool("-restore"), "-w", WAIT_SECONDS, "-W", WAIT_INTERVAL_US, "--noflush", "--counters"]
-        rc, out, err = stream(argv, chunks, timeout=RESTORE_TIMEOUT)
+        hint = WholeTableCache(chunks) if self.backend == "nft" else None
+        rc, out, err = stream(argv, hint if hint is not None else chunks, timeout=RESTORE_TIMEOUT,
+                              discard_stdout=hint is not None)
         if rc != 0:
             msg = (err or out).strip() or f"exit status {rc}"
             m = _LINE.search(msg)
-            raise RestoreError(f"{argv[0]} failed: {msg}", int(m.group(1)) if m else None)
+            line = int(m.group(1)) if m else None
+            if line is not None and hint is not None:
+                line = hint.input_line(line)
+                if line is None:
+                    msg += " (at a line kubelab adds on the nft backend: see WholeTableCache)"
+            raise RestoreError(f"{argv[0]} failed: {msg}", line)
 
     def save(self, table: str) -> str:
         rc, out, err = self.run([self._tool("-save"), "-t", table])

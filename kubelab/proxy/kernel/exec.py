@@ -123,29 +123,33 @@ class Runner:
             env={**os.environ, **self.env} if self.env else None,
         )
 
-    def stream(self, argv: Sequence[str], chunks: Iterable[str], timeout: float | None = None) -> tuple[int, str, str]:
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], timeout: float | None = None,
+               discard_stdout: bool = False) -> tuple[int, str, str]:
         """Run ``argv`` feeding it ``chunks`` as they are produced (the producer runs while the tool reads).
 
         For big inputs that are generated: the tool parses chunk k while
         Python renders chunk k+1.  If the tool exits early (an error), the
         rest of the input is dropped and its exit status and output returned.
+        ``discard_stdout`` sends the tool's standard output to /dev/null (then
+        returned as ""): for output nobody reads that could be megabytes.
         """
         deadline = time.monotonic() + (timeout or self.timeout)
         env = {**os.environ, **self.env} if self.env else None
+        out_to = subprocess.DEVNULL if discard_stdout else subprocess.PIPE
         try:
             if self.netns and not self.netns_exec:
                 with _InNetns(self.netns):
-                    proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=out_to,
                                             stderr=subprocess.PIPE, env=env)
             else:
-                proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                proc = subprocess.Popen(self.argv(argv), stdin=subprocess.PIPE, stdout=out_to,
                                         stderr=subprocess.PIPE, env=env)
         except FileNotFoundError as e:
             return 127, "", f"{argv[0]}: not found ({e}); install it (see scripts/apt-packages.txt)"
         # Drain the tool's output meanwhile, so it can never block us by filling a pipe.
         outs: dict[str, bytes] = {}
         readers = [threading.Thread(target=lambda k=k, f=f: outs.__setitem__(k, f.read()), daemon=True)
-                   for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+                   for k, f in (("out", proc.stdout), ("err", proc.stderr)) if f is not None]
         for t in readers:
             t.start()
         try:
