@@ -107,7 +107,7 @@ def peer_run(args, name: str) -> tuple[float, float, float]:
     up, down = peer_script(args.nodes, args.pods, name)
     t0 = time.monotonic()
     try:
-        subprocess.run(["sh", "-c", up], check=True)
+        subprocess.run(["sh"], input=up, text=True, check=True)
         t_up = time.monotonic() - t0
         last = args.pods - 1
         # Nothing listens there: "connection refused" (curl exit 7) is the node answering.
@@ -115,7 +115,7 @@ def peer_run(args, name: str) -> tuple[float, float, float]:
                             f"http://10.244.{last % args.nodes}.1:9/"], capture_output=True)
         assert r.returncode == 7, r
         t1 = time.monotonic()
-        subprocess.run(["sh", "-c", down], check=True)
+        subprocess.run(["sh"], input=down, text=True, check=True)
         return t_up, t_up, time.monotonic() - t1
     finally:
         topology.teardown(name)  # whatever a failed run left
