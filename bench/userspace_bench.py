@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,6 +285,7 @@ def main() -> int:
     only = set(args.only.split(",")) if args.only else {"bulk", "short", "udp"}
     results = Results(command=shlex.join(["python3", "bench/userspace_bench.py", *sys.argv[1:]]))
     work = Path(tempfile.mkdtemp(prefix="kl-us-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # config files only; results go to --out
     ports = dict(haproxy_tcp=HAPROXY_TCP, haproxy_http=HAPROXY_HTTP, iperf=IPERF_PORT, http=HTTP_PORT)
     (work / "haproxy.cfg").write_text(HAPROXY_CFG.format(**ports))
     (work / "responder.cfg").write_text(RESPONDER_CFG.format(**ports))
