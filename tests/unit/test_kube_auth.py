@@ -194,6 +194,33 @@ def test_rotated_token_file_is_read_again_after_401(tmp_path, pki, how):
     run(main())
 
 
+def test_token_file_is_read_again_every_minute(tmp_path, pki):
+    """A kubeconfig tokenFile rewritten in place is picked up a minute later, before any 401 (client-go's cadence)."""
+
+    async def main():
+        now = [1000.0]
+        async with FakeAPIServer(ssl_context=pki.server_context(), tokens={"t1": "first", "t2": "second"}) as api:
+            api.apply(service("web", "10.96.2.7"))
+            (tmp_path / "token").write_text("t1")
+            kc = write_kubeconfig(tmp_path / "kc", api.url, user={"tokenFile": str(tmp_path / "token")},
+                                  ca=str(pki.ca_cert))
+            cfg = kube.KubeSourceConfig.for_proxy(kubeconfig=str(kc), endpoint_slices=False, **FAST)
+            src = kube.KubeSource(cfg, [Recorder()], deps=kube.KubeSourceDeps(clock=lambda: now[0]))
+            async with running(src):
+                await api.wait_for(lambda: src.synced and api.watching("services") == 1, what="synced and watching")
+                (tmp_path / "token").write_text("t2")
+                api.cut_watches()  # under a minute: the token in hand is still used
+                await api.wait_for(lambda: len(api.requests_for(op="watch")) >= 2 and api.watching("services") == 1,
+                                   what="a second watch")
+                now[0] += kube.TOKEN_FILE_REREAD
+                api.cut_watches()
+                await api.wait_for(lambda: api.requests_for(op="watch")[-1].user == "second", what="the new token")
+            assert [r.user for r in api.requests_for(op="watch")][:2] == ["first", "first"]
+            assert all(r.status != 401 for r in api.requests)
+
+    run(main())
+
+
 BAD_CONFIGS = [
     ("no-source", {}, "give --kubeconfig FILE, --in-cluster"),
     ("both", {"kubeconfig": "x", "in_cluster": True}, "not both"),
