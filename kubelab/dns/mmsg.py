@@ -14,6 +14,13 @@ datagram Python then only touches memoryviews (read a length, copy bytes
 in or out, write a length) -- no ctypes objects are made on the hot path.
 The answer for slot ``i`` goes back to the address received in slot ``i``.
 
+With ``echo=k`` an answer is sent as two pieces gathered by the kernel:
+the first ``k`` bytes of the datagram received in the same slot (a DNS
+answer starts with its query's ID), then the answer's remaining bytes --
+either copied into the send slot (:meth:`MMsgSocket.put`) or read straight
+from a ``bytes`` object the caller keeps alive until :meth:`flush`
+(:meth:`MMsgSocket.refer`, no copy at all).
+
 Nothing here is DNS-specific; the server (``kubelab.dns.server``) decides
 what to answer.  Linux only: :func:`available` says whether it can be used.
 """
@@ -71,6 +78,11 @@ def available() -> bool:
     return os.uname().sysname == "Linux" and _libc() is not None
 
 
+def buffer_address(data: bytes) -> int:
+    """Address of the bytes inside ``data`` (valid while ``data`` lives; CPython bytes never move)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
 def _u32_view(arr) -> tuple[memoryview, int]:
     """A uint32 memoryview over a ctypes array of _MMsgHdr, and the stride in uint32s."""
     return memoryview(arr).cast("B").cast("I"), ctypes.sizeof(_MMsgHdr) // 4
@@ -86,7 +98,7 @@ class MMsgSocket:
     consecutive slots, and returns how many could not be sent.
     """
 
-    def __init__(self, sock: socket.socket, batch: int = 64, slot: int = 4096, send_slot: int = 4096) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 64, slot: int = 4096, send_slot: int = 4096, echo: int = 0) -> None:
         libc = _libc()
         if libc is None:
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not available")
@@ -109,21 +121,27 @@ class MMsgSocket:
         sb = (ctypes.c_char * len(self.sbuf)).from_buffer(self.sbuf)
         self._keep = (rb, nb, sb)
         r_base, n_base, s_base = ctypes.addressof(rb), ctypes.addressof(nb), ctypes.addressof(sb)
+        self.echo = echo
+        per = 2 if echo else 1  # send iovecs per message: [echoed prefix,] answer
         self.riov = (_IOVec * batch)()
-        self.siov = (_IOVec * batch)()
+        self.siov = (_IOVec * (batch * per))()
         self.rmsgs = (_MMsgHdr * batch)()
         self.smsgs = (_MMsgHdr * batch)()
         for i in range(batch):
             self.riov[i].iov_base = r_base + i * slot
             self.riov[i].iov_len = slot
-            self.siov[i].iov_base = s_base + i * send_slot
-            self.siov[i].iov_len = 0
-            for msgs, iov in ((self.rmsgs, self.riov), (self.smsgs, self.siov)):
+            if echo:
+                self.siov[i * per].iov_base = r_base + i * slot
+                self.siov[i * per].iov_len = echo
+            self.siov[i * per + per - 1].iov_base = s_base + i * send_slot
+            self.siov[i * per + per - 1].iov_len = 0
+            for msgs, iov, k, cnt in ((self.rmsgs, self.riov, i, 1), (self.smsgs, self.siov, i * per, per)):
                 h = msgs[i].msg_hdr
                 h.msg_name = n_base + i * NAME_SIZE
                 h.msg_namelen = NAME_SIZE
-                h.msg_iov = ctypes.addressof(iov) + i * ctypes.sizeof(_IOVec)
-                h.msg_iovlen = 1
+                h.msg_iov = ctypes.addressof(iov) + k * ctypes.sizeof(_IOVec)
+                h.msg_iovlen = cnt
+        self._s_base = s_base
         # The kernel overwrites msg_namelen and msg_flags on receive: restore them from this copy before each call.
         self._pristine = bytes(memoryview(self.rmsgs).cast("B"))
         self._rmsgs_addr = ctypes.addressof(self.rmsgs)
@@ -133,10 +151,14 @@ class MMsgSocket:
         self.rmeta, self.stride = _u32_view(self.rmsgs)
         self._len_at = _MMsgHdr.msg_len.offset // 4
         self._flags_at = (_MMsgHdr.msg_hdr.offset + _MsgHdr.msg_flags.offset) // 4
-        # iov_len of the send iovecs, as size_t words
+        # The send iovecs as size_t words: the answer iovec of slot i has its
+        # base at word i * iov_stride + iov_at and its length in the next word.
         self.slen = memoryview(self.siov).cast("B").cast("Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I")
-        self._slen_stride = ctypes.sizeof(_IOVec) // ctypes.sizeof(ctypes.c_size_t)
-        self._slen_at = _IOVec.iov_len.offset // ctypes.sizeof(ctypes.c_size_t)
+        words = ctypes.sizeof(_IOVec) // ctypes.sizeof(ctypes.c_size_t)
+        self.iov_stride = per * words
+        self.iov_at = (per - 1) * words + _IOVec.iov_base.offset // ctypes.sizeof(ctypes.c_size_t)
+        self._slen_stride = self.iov_stride
+        self._slen_at = (per - 1) * words + _IOVec.iov_len.offset // ctypes.sizeof(ctypes.c_size_t)
         self.staged = [False] * batch
         self.n = 0
 
@@ -184,15 +206,32 @@ class MMsgSocket:
         return (socket.inet_ntop(socket.AF_INET, bytes(raw[o + 4 : o + 8])), port)
 
     def put(self, i: int, reply: bytes) -> bool:
-        """Stage ``reply`` for slot ``i``; False when it does not fit the send slot (send it yourself)."""
-        n = len(reply)
+        """Stage ``reply`` for slot ``i``; False when it does not fit the send slot (send it yourself).
+
+        With ``echo=k`` the first ``k`` bytes of ``reply`` are not copied: the
+        received datagram's first ``k`` bytes go out instead (they must be equal).
+        """
+        e = self.echo
+        n = len(reply) - e
         if n > self.send_slot:
             return False
         o = i * self.send_slot
-        self.sview[o : o + n] = reply
-        self.slen[i * self._slen_stride + self._slen_at] = n
+        self.sview[o : o + n] = reply[e:] if e else reply
+        w = i * self.iov_stride + self.iov_at
+        self.slen[w] = self._s_base + o
+        self.slen[w + 1] = n
         self.staged[i] = True
         return True
+
+    def refer(self, i: int, address: int, n: int) -> None:
+        """Stage ``n`` bytes at ``address`` (see :func:`buffer_address`) as slot ``i``'s answer, after the echoed prefix.
+
+        Nothing is copied: the memory must stay alive and unchanged until :meth:`flush`.
+        """
+        w = i * self.iov_stride + self.iov_at
+        self.slen[w] = address
+        self.slen[w + 1] = n
+        self.staged[i] = True
 
     def flush(self) -> int:
         """Send every staged reply (runs of consecutive slots, one sendmmsg each); returns how many were dropped."""

@@ -420,7 +420,9 @@ class ExactCache:
     size limit that the query bytes fix.
 
     Each entry is ``[response tail, hits, duration sum ns, qtype, rcode,
-    counts per duration bucket above the first (or None)]``; hits are folded
+    counts per duration bucket above the first (or None), address of the
+    tail's bytes, length of the tail]`` (the address lets sendmmsg read the
+    tail in place, :meth:`kubelab.dns.mmsg.MMsgSocket.refer`); hits are folded
     into :class:`DNSCounters` by :meth:`fold` (before each scrape and
     whenever the cache is dropped), so the hot path counts with a couple of
     increments instead of four dict updates.
@@ -489,7 +491,9 @@ class _UDPServer:
         # recvmmsg/sendmmsg when the platform has them (batched=None: if available).
         if batched is None:
             batched = mmsg.available()
-        self.mm = mmsg.MMsgSocket(sock, batch=MMSG_BATCH) if batched else None
+        # echo=2: every answer goes out as the query's own ID (straight from the
+        # receive slot) followed by the answer's tail, gathered by the kernel.
+        self.mm = mmsg.MMsgSocket(sock, batch=MMSG_BATCH, echo=2) if batched else None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -565,7 +569,8 @@ class _UDPServer:
             if use_exact and not out[2] & wire.TC:
                 if len(entries) >= MAX_EXACT:
                     self.exact.clear()
-                entries[data[2:]] = [out[2:], 0, 0, qtype, rcode, None]
+                tail = out[2:]
+                entries[data[2:]] = [tail, 0, 0, qtype, rcode, None, mmsg.buffer_address(tail), len(tail)]
             t1 = clock()
             counters.observe("udp", fam, qtype, rcode, P_KUBERNETES, t1 - t)
             t = t1
@@ -589,8 +594,9 @@ class _UDPServer:
         counters = d.counters
         fam = self.family
         rview, rmeta, stride, len_at, flags_at, slot = m.rview, m.rmeta, m.stride, m._len_at, m._flags_at, m.slot
-        sview, slen, sstride, slen_at, sslot, staged = m.sview, m.slen, m._slen_stride, m._slen_at, m.send_slot, m.staged
+        iov, iov_stride, iov_at, staged = m.slen, m.iov_stride, m.iov_at, m.staged
         put = m.put
+        address = mmsg.buffer_address
         trunc = mmsg.MSG_TRUNC
         for _ in range(UDP_BATCH // MMSG_BATCH):
             try:
@@ -611,19 +617,15 @@ class _UDPServer:
                 o = i * slot
                 end = o + rmeta[meta + len_at]
                 if use_exact:
-                    # MMsgSocket.put inlined: copy the ID and the cached tail straight into the send slot.
+                    # MMsgSocket.refer inlined: the answer is the query's ID (echoed from
+                    # the receive slot) and the cached tail, read in place by sendmmsg.
+                    # ``hits`` keeps the entry, and so the tail, alive until the flush.
                     e = get(rview[o + 2 : end].tobytes())
                     if e is not None:
-                        tail = e[0]
-                        k = len(tail) + 2
-                        if k <= sslot:
-                            so = i * sslot
-                            sview[so : so + 2] = rview[o : o + 2]
-                            sview[so + 2 : so + k] = tail
-                            slen[i * sstride + slen_at] = k
-                            staged[i] = True
-                        else:
-                            self._sendto(rview[o : o + 2].tobytes() + tail, m.address(i))
+                        w = i * iov_stride + iov_at
+                        iov[w] = e[6]
+                        iov[w + 1] = e[7]
+                        staged[i] = True
                         hits.append(e)
                         continue
                 data = rview[o:end].tobytes()
@@ -645,7 +647,8 @@ class _UDPServer:
                 if use_exact and not out[2] & wire.TC:
                     if len(entries) >= MAX_EXACT:
                         self.exact.clear()
-                    e = [out[2:], 0, 0, qtype, rcode, None]
+                    tail = out[2:]
+                    e = [tail, 0, 0, qtype, rcode, None, address(tail), len(tail)]
                     entries[data[2:]] = e
                     hits.append(e)
                 else:
@@ -694,6 +697,31 @@ class _UDPServer:
             d.counters.dropped += 1
             return
         d.counters.observe("udp", self.family, qtype, rcode, plugin, time.perf_counter_ns() - t0)
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
+
+
+def spread_reuseport(sock: socket.socket, workers: int) -> None:
+    """Deal each datagram of ``sock``'s SO_REUSEPORT group to a random one of ``workers`` sockets.
+
+    Without a program the kernel picks the socket by a hash of the 4-tuple,
+    so a client with a few source ports (dnsperf -c 4, one pod's resolver)
+    can land wholly on one worker.  DNS over UDP keeps no state between
+    datagrams, so a per-packet choice is safe.  The classic BPF program
+    (Documentation/networking/filter.rst, ancillary SKF_AD_RANDOM) returns
+    ``random % workers``, an index into the group in bind order; an index
+    past the sockets bound so far falls back to the hash.
+    """
+    # ld [SKF_AD_OFF + SKF_AD_RANDOM]; mod #workers; ret a
+    prog = struct.pack("=HBBI", 0x20, 0, 0, (-0x1000 + 56) & 0xFFFFFFFF)
+    prog += struct.pack("=HBBI", 0x94, 0, 0, workers)
+    prog += struct.pack("=HBBI", 0x16, 0, 0, 0)
+    import ctypes
+
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("HxxxxxxP" if struct.calcsize("P") == 8 else "HxxP", 3, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
 def udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -801,10 +829,13 @@ class _TCP(asyncio.Protocol):
 class DNSServer:
     """UDP and TCP listeners for one :class:`ClusterDNS` (started by :meth:`start`, not the constructor)."""
 
-    def __init__(self, dns_: ClusterDNS, listen: list[tuple[str, int]], *, reuse_port: bool = False, batched: bool | None = None) -> None:
+    def __init__(
+        self, dns_: ClusterDNS, listen: list[tuple[str, int]], *, reuse_port: bool = False, batched: bool | None = None, spread: int = 0
+    ) -> None:
         self.dns = dns_
         self.listen = listen
         self.reuse_port = reuse_port
+        self.spread = spread  # > 1: deal UDP datagrams at random over this many SO_REUSEPORT sockets (spread_reuseport)
         self.batched = batched  # recvmmsg/sendmmsg: None = when available, False = plain recvfrom/sendto
         self._udp: list = []
         self._tcp: list = []
@@ -816,6 +847,8 @@ class DNSServer:
         try:
             for host, port in self.listen:
                 sock = udp_socket(host, port, reuse_port=self.reuse_port)
+                if self.reuse_port and self.spread > 1:
+                    spread_reuseport(sock, self.spread)
                 udp = _UDPServer(self.dns, sock, batched=self.batched)
                 self._udp.append(udp)
                 udp.start()

@@ -94,3 +94,62 @@ def test_reply_larger_than_send_slot_is_refused():
         assert m.flush() == 0
     finally:
         _close(srv, clients)
+
+
+def test_echo_prefix_and_answers_read_in_place():
+    """echo=2: each answer is the query's first two bytes (a DNS ID) then a tail, copied (put) or read in place (refer)."""
+    srv, clients = _pair(socket.AF_INET, "127.0.0.1", 3)
+    try:
+        m = mmsg.MMsgSocket(srv, batch=4, slot=64, send_slot=8, echo=2)
+        for i, c in enumerate(clients):
+            c.sendto(bytes([0xA0 + i, 0xB0 + i]) + b"query", srv.getsockname())
+        assert m.recv() == 3
+        tails = {}
+        for i in range(3):
+            who = m.address(i)[:2]
+            data = m.data(i)
+            if i == 1:
+                assert m.put(i, b"??" + b"copied")  # the first two bytes are replaced by the query's own
+                tails[who] = data[:2] + b"copied"
+            else:
+                tail = b"in place, longer than the send slot %d" % i
+                tails[who] = data[:2] + tail
+                m.refer(i, mmsg.buffer_address(tail), len(tail))
+                tails[who, "keep"] = tail  # alive until flush
+        assert not m.put(0, b"xx" + b"y" * 9)  # 9 bytes after the echoed prefix do not fit 8
+        assert m.flush() == 0
+        for c in clients:
+            assert c.recv(200) == tails[c.getsockname()[:2]]
+    finally:
+        _close(srv, clients)
+
+
+def test_reuseport_group_spreads_one_client_over_every_socket():
+    """kubelab dns --workers: datagrams of one client port are dealt at random, not hashed to one socket."""
+    from kubelab.dns.server import spread_reuseport, udp_socket
+
+    first = udp_socket("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    spread_reuseport(first, 2)
+    second = udp_socket("127.0.0.1", port, reuse_port=True)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind(("127.0.0.1", 0))  # one source port: the kernel's hash alone would pick one socket
+        for _ in range(400):
+            client.sendto(b"q", ("127.0.0.1", port))
+        counts = []
+        for s in (first, second):
+            s.settimeout(0.5)
+            n = 0
+            try:
+                while True:
+                    s.recv(16)
+                    n += 1
+                    s.settimeout(0.05)
+            except TimeoutError:
+                pass
+            counts.append(n)
+        assert sum(counts) == 400 and min(counts) > 100, counts
+    finally:
+        for s in (first, second, client):
+            s.close()
