@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """dnsperf against kubelab dns and dnsmasq side by side on loopback, plus kubelab's memory at scale.
 
-    python3 bench/dns_bench.py [--services 2000] [--rounds 10] [--seconds 3] [--pin] [--peers dnsmasq,unbound] [--memory]
+    python3 bench/dns_bench.py [--services 2000] [--rounds 10] [--seconds 3] [--pin] [--peers dnsmasq,unbound] [--workers 1,2] [--memory]
 
 Every server answers the same cluster names (A records of N services):
 kubelab as shipped (``kubelab dns --source`` on a folder of Service
@@ -15,7 +15,8 @@ latencies, and the server's CPU time per answered query (utime+stime from
 /proc, the least noisy figure on a shared box).  Ratios are taken per pair,
 then the median.  ``--pin`` runs both servers on CPU 1 and dnsperf on CPU 0
 (taskset), so each server gets the same single core and never competes
-with the load generator.  ``--memory`` loads 10,000 services and 50,000 pods into a kubelab
+with the load generator.  ``--workers 1,2`` runs one kubelab per value of
+``kubelab dns --workers`` side by side (CPU time summed over its processes).  ``--memory`` loads 10,000 services and 50,000 pods into a kubelab
 dns process and reports its RSS against CoreDNS's published formula
 ((pods + services)/1000 + 54 MB).
 """
@@ -82,9 +83,19 @@ def wait_answer(port: int, name: str, proc: subprocess.Popen, who: str) -> None:
 
 
 def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks."""
+    """utime + stime of a process (all its threads) and its live child processes (kubelab --workers), in clock ticks."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
+    ticks = int(f[11]) + int(f[12])
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for k in kids:
+        try:
+            ticks += cpu_ticks(int(k))
+        except OSError:  # exited in between
+            pass
+    return ticks
 
 
 def dnsperf(port: int, qfile: Path, seconds: float, *, pid: int = 0, cpus: str = "") -> dict:
@@ -133,19 +144,21 @@ spec:
 def start_servers(args, tmp: Path, names: list[tuple[str, str]], pin_server: list[str]) -> dict:
     """{who: (Popen, port)} for kubelab (the real CLI on a --source folder) and the peers."""
     servers = {}
-    kport = port_free()
     (tmp / "manifests").mkdir()
     (tmp / "manifests" / "services.yaml").write_text(
         "---\n".join(SERVICE_DOC.format(name=nm.split(".")[0], ns=nm.split(".")[1], ip=ip) for nm, ip in names)
     )
-    servers["kubelab"] = (
-        subprocess.Popen(
-            [*pin_server, sys.executable, "-m", "kubelab", "dns", "--source", str(tmp / "manifests"), "--listen", f"127.0.0.1:{kport}",
-             "--upstream", f"127.0.0.1:{port_free()}", "--metrics-bind-address", "", "--health-bind-address", ""],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / "kubelab.log", "w"), cwd=ROOT,
-        ),
-        kport,
-    )
+    for w in args.workers:
+        kport = port_free()
+        who = "kubelab" if w == 1 else f"kubelab-w{w}"
+        servers[who] = (
+            subprocess.Popen(
+                [*pin_server, sys.executable, "-m", "kubelab", "dns", "--source", str(tmp / "manifests"), "--listen", f"127.0.0.1:{kport}",
+                 "--upstream", f"127.0.0.1:{port_free()}", "--metrics-bind-address", "", "--health-bind-address", "", "--workers", str(w)],
+                stdout=subprocess.DEVNULL, stderr=open(tmp / f"{who}.log", "w"), cwd=ROOT,
+            ),
+            kport,
+        )
     if "dnsmasq" in args.peers:
         mport = port_free()
         servers["dnsmasq"] = (
@@ -182,10 +195,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3, help="length of one dnsperf run (default 3)")
     ap.add_argument("--pin", action="store_true", help="servers on CPU 1, dnsperf on CPU 0 (taskset)")
     ap.add_argument("--peers", default="dnsmasq,unbound", help="comma-separated peers among dnsmasq,unbound (default: both)")
+    ap.add_argument("--workers", default="1", help="comma-separated kubelab --workers values to run side by side, e.g. 1,2 (default 1)")
     ap.add_argument("--memory", action="store_true", help="also measure RSS at 10,000 services / 50,000 pods")
     ap.add_argument("--json", type=Path, help="write raw results here")
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        ap.error(f"--workers: {args.workers!r} is not a comma-separated list of numbers")
+    if not args.workers or any(not 1 <= w <= 64 for w in args.workers):
+        ap.error("--workers: give 1-64 per kubelab instance, e.g. 1,2")
     for p in args.peers:
         if p not in ("dnsmasq", "unbound"):
             ap.error(f"--peers: unknown peer {p!r} (use dnsmasq and/or unbound)")
@@ -225,7 +245,8 @@ def main() -> int:
                     f"cpu {r['cpu_us_per_query']:.1f} us/query  lost {r['lost']}",
                     flush=True,
                 )
-        results["kubelab_rss_mb"] = rss_of(servers["kubelab"][0].pid) / 1e6
+        if "kubelab" in servers:
+            results["kubelab_rss_mb"] = rss_of(servers["kubelab"][0].pid) / 1e6
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -248,17 +269,19 @@ def main() -> int:
             f"{who:8s} q/s median {med(q):.0f} (min {min(q):.0f}, max {max(q):.0f}); p99 median {med(p):.3f} ms (min {min(p):.3f}, max {max(p):.3f}); "
             f"cpu/query median {med(c):.1f} us (min {min(c):.1f}, max {max(c):.1f})"
         )
-    for peer in args.peers:
-        pairs = list(zip(results["kubelab"], results[peer], strict=True))
+    kubelabs = [w for w in who_all if w.startswith("kubelab")]
+    for mine, peer in ((k, p) for k in kubelabs for p in args.peers):
+        pairs = list(zip(results[mine], results[peer], strict=True))
         ratios = [k["qps"] / d["qps"] for k, d in pairs]
         p99r = [k["p99_ms"] / d["p99_ms"] for k, d in pairs]
         cpur = [k["cpu_us_per_query"] / d["cpu_us_per_query"] for k, d in pairs]
-        print(f"kubelab/{peer}: q/s ratio median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) (>= 1.0 is the target); "
+        print(f"{mine}/{peer}: q/s ratio median {med(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}) (>= 1.0 is the target); "
               f"p99 ratio median {med(p99r):.2f} (min {min(p99r):.2f}, max {max(p99r):.2f}) (<= 1.0 is no worse); "
               f"cpu/query ratio median {med(cpur):.2f} (min {min(cpur):.2f}, max {max(cpur):.2f}) (<= 1.0 is cheaper)")
-        results[f"qps_ratio_{peer}"] = ratios
-        results[f"p99_ratio_{peer}"] = p99r
-        results[f"cpu_ratio_{peer}"] = cpur
+        tag = peer if mine == "kubelab" else f"{peer}_{mine}"
+        results[f"qps_ratio_{tag}"] = ratios
+        results[f"p99_ratio_{tag}"] = p99r
+        results[f"cpu_ratio_{tag}"] = cpur
 
     if args.memory:
         (tmp / "memory.py").write_text(MEMORY)

@@ -46,6 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--in-cluster", action="store_true", help="inside a pod: watch the API server with the service account (token, CA, KUBERNETES_SERVICE_HOST/PORT)")
     srv = p.add_argument_group("serving")
     srv.add_argument("--listen", metavar="ADDR:PORT", action="append", help="address to serve UDP and TCP on (repeatable; default 0.0.0.0:53)")
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serving processes sharing the --listen ports with SO_REUSEPORT, UDP datagrams dealt to them at random (1-64, default 1). "
+        "Each worker watches the source and keeps its own index and caches (N times the memory); /metrics and /health "
+        "report the first worker only",
+    )
+    srv.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set on the processes --workers starts
     srv.add_argument("--cluster-domain", default="cluster.local", help="the cluster zone (default: cluster.local)")
     srv.add_argument("--ttl", type=int, default=5, help="TTL of cluster answers, 0-3600 seconds (default: 5, as CoreDNS)")
     srv.add_argument(
@@ -120,6 +130,34 @@ def build_config(args: argparse.Namespace) -> DNSConfig:
         autopath=args.autopath,
         autopath_search=tuple(search),
     )
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one extra worker: the same flags, no HTTP, no workers of its own."""
+    argv = [sys.executable, "-m", "kubelab", "dns", "--worker", "--workers", str(args.workers)]
+    for flag, value in (("--source", args.source), ("--kubeconfig", args.kubeconfig)):
+        if value:
+            argv += [flag, value]
+    if args.in_cluster:
+        argv.append("--in-cluster")
+    for flag, values in (("--listen", args.listen), ("--upstream", args.upstream), ("--cluster-cidr", args.cluster_cidr)):
+        for v in values or ():
+            argv += [flag, v]
+    argv += ["--cluster-domain", args.cluster_domain, "--ttl", str(args.ttl), "--pods", args.pods, "--resolv-conf", args.resolv_conf,
+             "--cache-ttl", str(args.cache_ttl), "--upstream-timeout", str(args.upstream_timeout), "--v", str(args.v),
+             "--metrics-bind-address", "", "--health-bind-address", ""]
+    if args.endpoint_pod_names:
+        argv.append("--endpoint-pod-names")
+    if args.autopath:
+        argv.append("--autopath")
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGTERM when the first worker exits, however it exits (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def _listen(args) -> list[tuple[str, int]]:
@@ -202,6 +240,8 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
     from kubelab.dns.metrics import make_registry
 
     try:
+        if not 1 <= args.workers <= 64:
+            raise ValueError(f"--workers {args.workers} is out of range: use 1-64")
         config = build_config(args)
         listen = _listen(args)
         ups_text = args.upstream or resolv_conf_nameservers(args.resolv_conf)
@@ -216,7 +256,18 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
         source = _make_source(args, dns, log)
     except ValueError as e:
         return _fail(str(e))
-    server = DNSServer(dns, listen)
+    many = args.workers > 1
+    # The first worker attaches the program that spreads datagrams over the group.
+    server = DNSServer(dns, listen, reuse_port=many, spread=args.workers if many and not args.worker else 0)
+    src_task = None
+    if args.worker:
+        # An extra worker joins the group only once synced: the others already
+        # answer, so its share of the queries must not get SERVFAIL meanwhile.
+        src_task = asyncio.ensure_future(source.run())
+        while not dns.ready and not src_task.done():
+            await asyncio.sleep(0.05)
+        if src_task.done():
+            return 1 if src_task.exception() is not None else 0
     try:
         await server.start()
     except OSError as e:
@@ -230,11 +281,19 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
     except (OSError, ValueError) as e:
         await server.stop()
         return _fail(f"cannot serve HTTP: {e} (change --metrics-bind-address / --health-bind-address)")
+    workers: list = []
+    if many and not args.worker:
+        import subprocess
+
+        for _ in range(args.workers - 1):
+            workers.append(subprocess.Popen(_worker_argv(args), preexec_fn=_die_with_parent))  # noqa: PLW1509 - prctl only
+        log.info("started %d more workers (pids %s)", len(workers), ", ".join(str(w.pid) for w in workers))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    src_task = asyncio.ensure_future(source.run())
+    if src_task is None:
+        src_task = asyncio.ensure_future(source.run())
     stop_task = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({src_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     rc = 0
@@ -249,6 +308,14 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
         await r.cleanup()
     await server.stop()
     forwarder.close()
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(w.wait), 10)
+        except asyncio.TimeoutError:
+            w.kill()
+            w.wait()
     return rc
 
 

@@ -153,6 +153,7 @@ FLAG_ERRORS = [
     ("bad-ttl", ["--source", "examples/basic", "--ttl", "99999"], ["--ttl", "0-3600"]),
     ("bad-domain", ["--source", "examples/basic", "--cluster-domain", "a..b"], ["--cluster-domain"]),
     ("bad-listen", ["--source", "examples/basic", "--listen", "nowhere:53"], ["nowhere"]),
+    ("workers-out-of-range", ["--source", "examples/basic", "--workers", "0"], ["--workers", "1-64"]),
 ]
 
 
@@ -180,3 +181,37 @@ def test_help_explains():
     assert out.returncode == 0
     for w in ("--source", "--autopath", "--pods", "--upstream", "--cluster-cidr", "SERVFAIL", "examples:"):
         assert w in out.stdout
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _udp_sockets_on(port: int) -> int:
+    """How many UDP sockets are bound to 127.0.0.1:port (from /proc/net/udp)."""
+    want = f"0100007F:{port:04X}"
+    return sum(1 for line in Path("/proc/net/udp").read_text().splitlines()[1:] if line.split()[1] == want)
+
+
+def test_workers_share_the_port_and_stop_together():
+    port = _free_port()
+    proc = _kubelab("--source", "examples/basic", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{_free_port()}",
+                    "--metrics-bind-address", "", "--health-bind-address", "", "--workers", "2")
+    try:
+        # The second worker binds only once it has synced: then two sockets share the port.
+        wait_for(lambda: proc.poll() is not None or _udp_sockets_on(port) == 2, "two UDP sockets on the port")
+        assert proc.poll() is None, proc.stdout.read()
+        kids = _children(proc.pid)
+        assert len(kids) == 1
+        # Datagrams are dealt at random over both workers: every answer is right whichever served it.
+        for i in range(20):
+            status, answers = dig(port, "web.default.svc.cluster.local", "A", "+notcp" if i % 2 else "+tcp")
+            assert status == "NOERROR" and len(answers) == 1 and answers[0].startswith("web.default.svc.cluster.local. 5 IN A 10.96."), answers
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    wait_for(lambda: all(not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split(")")[1][:3] for k in kids), "workers gone")
