@@ -110,6 +110,18 @@ CASES = [
         {"10.96.0.10"},
         id="mh-kube-router-annotation",
     ),
+    pytest.param(
+        {"annotations": {R.ANNOTATION_SCHEDULER: "sh"}, "session_affinity": "ClientIP", "sticky_max_age_seconds": 1800},
+        [
+            # ipvsadm -Sn prints persistence before the scheduler flags.
+            "-A -t 10.96.0.10:80 -s sh -p 1800 -b sh-fallback",
+            "-a -t 10.96.0.10:80 -r 10.244.0.11:8080 -m -w 1",
+            "-a -t 10.96.0.10:80 -r 10.244.0.12:8080 -m -w 1",
+        ],
+        {},
+        {"10.96.0.10"},
+        id="sh-persistent",
+    ),
 ]
 
 

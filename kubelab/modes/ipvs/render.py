@@ -529,12 +529,13 @@ def ipvsadm_save(services: Iterable[DesiredService] | Mapping[object, DesiredSer
         vs = d.vs
         opt = f"{_PROTO_OPT[vs.protocol]} {_hostport(vs.address, vs.port)}"
         line = f"-A {opt} -s {vs.scheduler}"
+        # ipvsadm's order: persistence, then scheduler flags (checked against `ipvsadm -Sn` in UML).
+        if vs.flags & FLAG_PERSISTENT:
+            line += f" -p {vs.timeout}"
         extra = [n for bit, n in ((FLAG_SCHED1, "fallback"), (FLAG_SCHED2, "port")) if vs.flags & bit]
         if extra:
             prefix = "mh" if vs.scheduler == "mh" else "sh"
             line += " -b " + ",".join(f"{prefix}-{n}" for n in extra)
-        if vs.flags & FLAG_PERSISTENT:
-            line += f" -p {vs.timeout}"
         lines.append(line)
         for rs in d.real_servers:
             lines.append(f"-a {opt} -r {_hostport(rs.address, rs.port)} -m -w {rs.weight}")
