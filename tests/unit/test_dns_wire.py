@@ -185,3 +185,26 @@ def test_template_truncated_counts():
     out = t.stamp(data, q, 512)
     m = dns.message.from_wire(out)
     assert m.id == 7 and m.rcode() == dns.rcode.NXDOMAIN and m.flags & dns.flags.RD
+
+
+def test_names_are_compressed(d):
+    """Owner names reuse earlier labels through pointers (RFC 1035 4.1.4); SRV targets never do (RFC 2782, as miekg/dns)."""
+    q = dns.message.make_query("_http._tcp.hdls1.testns.svc.cluster.local.", "SRV", use_edns=0, payload=4096)
+    out = answer(d, q.to_wire())
+    qend = wire.question_end(out)
+    assert out[qend : qend + 2] == b"\xc0\x0c"  # the first answer's owner is the question itself
+    # Spelled out in the question and in each of the 5 SRV targets; the 6 glue owners are compressed.
+    assert out.count(b"\x05hdls1\x06testns\x03svc\x07cluster\x05local\x00") == 6
+    assert b"\x09172-0-0-2\xc0" in out and b"\x08dup-name\xc0" in out
+    m = dns.message.from_wire(out)
+    uncompressed = len(q.to_wire()) + sum(_plain_len(rrset) for rrset in m.answer + m.additional)
+    assert len(out) < uncompressed * 0.6, (len(out), uncompressed)
+
+
+def _plain_len(rrset) -> int:
+    """Bytes the RRset takes on the wire with no compression at all."""
+    import io
+
+    f = io.BytesIO()
+    rrset.to_wire(f, compress=None)
+    return len(f.getvalue())
