@@ -90,10 +90,10 @@ class _Control:
 
 
 def _ip(k: int) -> str:
-    # Every new endpoint gets an address no recent pod had: the lab does not
-    # announce a reused pod IP (no gratuitous ARP), so node2 would keep
-    # sending to the deleted pod's MAC until its neighbour entry expires
-    # (~30 s) -- measured: 28-57 s "programming latencies" with reused IPs.
+    # Every new endpoint gets an address no recent pod had, so a stale
+    # neighbour or conntrack entry for a reused IP can never be what is
+    # measured.  (Before the netlab room derived a pod's MAC from its IP, a
+    # reused IP was black-holed for ~30 s: 28-57 s "programming latencies".)
     return f"10.244.1.{250 - k % 48}"
 
 
