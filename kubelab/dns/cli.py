@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--source", metavar="PATH", help="manifest file or folder (kubectl get -o yaml output), watched for changes")
     src.add_argument("--kubeconfig", metavar="FILE", help="watch a real API server instead of --source")
     src.add_argument("--in-cluster", action="store_true", help="inside a pod: watch the API server with the service account (token, CA, KUBERNETES_SERVICE_HOST/PORT)")
+    src.add_argument("--context", metavar="NAME", help="the --kubeconfig context to use instead of its current one")
+    src.add_argument("--master", metavar="URL", help="the API server's address, overriding the kubeconfig's (or alone, for a server without authentication)")
     srv = p.add_argument_group("serving")
     srv.add_argument("--listen", metavar="ADDR:PORT", action="append", help="address to serve UDP and TCP on (repeatable; default 0.0.0.0:53)")
     srv.add_argument(
@@ -135,7 +137,8 @@ def build_config(args: argparse.Namespace) -> DNSConfig:
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The command line of one extra worker: the same flags, no HTTP, no workers of its own."""
     argv = [sys.executable, "-m", "kubelab", "dns", "--worker", "--workers", str(args.workers)]
-    for flag, value in (("--source", args.source), ("--kubeconfig", args.kubeconfig)):
+    for flag, value in (("--source", args.source), ("--kubeconfig", args.kubeconfig), ("--context", args.context),
+                        ("--master", args.master)):
         if value:
             argv += [flag, value]
     if args.in_cluster:
@@ -204,7 +207,8 @@ def _make_source(args, provider, log):
         raise ValueError(f"--kubeconfig needs kubelab.proxy.sources.kube, which is not available: {e}") from None
     # Pods are watched only when answers need them (CoreDNS: pods verified / autopath).
     need_pods = args.pods == "verified" or args.autopath
-    return KubeSource(KubeSourceConfig.for_dns(kubeconfig=args.kubeconfig, in_cluster=args.in_cluster, pods=need_pods), [provider], log)
+    return KubeSource(KubeSourceConfig.for_dns(kubeconfig=args.kubeconfig, in_cluster=args.in_cluster, pods=need_pods,
+                                               context=args.context, master=args.master), [provider], log)
 
 
 async def _http(bind: str, dns: ClusterDNS, registry, log):
@@ -322,8 +326,8 @@ async def serve(args: argparse.Namespace, log: logging.Logger) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.v >= 2 else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kubelab.dns")
-    if not args.source and not args.kubeconfig and not args.in_cluster:
-        return _fail("give --source PATH (manifests) or --kubeconfig FILE (API server)")
+    if not args.source and not args.kubeconfig and not args.in_cluster and not args.master:
+        return _fail("give --source PATH (manifests) or --kubeconfig FILE / --in-cluster / --master URL (API server)")
     try:
         import uvloop
 

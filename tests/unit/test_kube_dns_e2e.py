@@ -48,12 +48,13 @@ def test_dns_sees_headless_services_through_the_api(tmp_path):
                 service("db", "None"),  # headless: no cluster IP (its slices carry the headless label)
                 endpoint_slice("db-1", "db", ["10.244.0.7", "10.244.0.8"], labels={"service.kubernetes.io/headless": ""}),
             ])
-            kc = write_kubeconfig(tmp_path / "kc", api.url)
+            # The kubeconfig's current context names a dead server; --context picks the live one.
+            kc = write_kubeconfig(tmp_path / "kc", "http://127.0.0.1:9", extra_contexts=[("live", api.url, {})])
             port = free_port()
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
             log = open(tmp_path / "dns.log", "w")
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "kubelab", "dns", "--kubeconfig", str(kc), "--listen", f"127.0.0.1:{port}",
+                sys.executable, "-m", "kubelab", "dns", "--kubeconfig", str(kc), "--context", "live", "--listen", f"127.0.0.1:{port}",
                 "--metrics-bind-address", "", "--health-bind-address", "", "--upstream", "127.0.0.1:9",
                 stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
