@@ -54,8 +54,16 @@ class Driver:
         from kubelab.modes.ipvs.proxier import IPVSProxier
         from kubelab.proxy.metrics import ProxyMetrics
 
+        import time
+
         node_ips = tuple(config.pop("node_ips", ()))
-        extra = {"iptables_backend": "legacy", "graceful_check_interval": 0.2, **config.pop("extra", {})}
+        self.clock_offset = 0.0  # advance() moves the proxier's clock (graceful-termination deadlines)
+        extra = {
+            "iptables_backend": "legacy",
+            "graceful_check_interval": 0.2,
+            "clock": lambda: time.monotonic() + self.clock_offset,
+            **config.pop("extra", {}),
+        }
         cfg = replace(ProxyConfig(proxy_mode="ipvs"), **config)
         self.metrics = ProxyMetrics()
         self.proxier = IPVSProxier(
@@ -69,6 +77,18 @@ class Driver:
     def graceful(self) -> int:
         self.proxier.process_graceful_termination()
         return len(self.proxier.draining)
+
+    def advance(self, seconds: float) -> None:
+        """Move the proxier's clock forward (as if ``seconds`` had passed)."""
+        self.clock_offset += seconds
+
+    def render(self, st: SyncState) -> str:
+        """What ``--dry-run`` prints for ``st``."""
+        return self.proxier.render(st)
+
+    def metric(self, name: str, labels: dict | None = None) -> float | None:
+        """One sample of the proxier's metrics registry, e.g. ``kubeproxy_sync_proxy_rules_ipvs_virtual_servers``."""
+        return self.metrics.value(name, labels)
 
     def cleanup(self) -> None:
         self.proxier.cleanup()

@@ -12,7 +12,8 @@ Addresses, all inside UML only:
 
 Every pod serves TCP 8080 with socat: it answers "<pod> <peer-ip>" and then
 echoes what it reads until the client closes, so one server does both
-short (``nc -N``) and long-lived connections.
+short (``nc -N``) and long-lived connections; and UDP 5353, answering each
+datagram with "<pod> <peer-ip>".
 """
 
 from __future__ import annotations
@@ -81,14 +82,22 @@ def lab(uml):
                 uml.popen(
                     [
                         "ip", "netns", "exec", f"kl-ipvs-{name}",
-                        "socat", "TCP-LISTEN:8080,fork,reuseaddr",
+                        # -t 10: after the client's FIN, wait for the answer (socat's 0.5 s default
+                        # loses it when the loaded machine is slow to start the shell).
+                        "socat", "-t", "10", "TCP-LISTEN:8080,fork,reuseaddr",
                         f"SYSTEM:echo {name} $SOCAT_PEERADDR; cat",
                     ]
+                )
+            )
+            servers.append(
+                uml.popen(
+                    ["ip", "netns", "exec", f"kl-ipvs-{name}", "socat", "-t", "10", "UDP-RECVFROM:5353,fork", f"SYSTEM:echo {name} $SOCAT_PEERADDR"]
                 )
             )
         # Wait until each server answers directly (no timing assertion: a bounded poll).
         for name, ip in PODS.items():
             assert _retry(lambda: _nc(uml, "kl-ipvs-c", ip, 8080)[:1] == [name]), f"server in {name} did not start"
+            assert _retry(lambda: _udp(uml, ip, 5353, CLIENT_IPS[-1], 39999) == name), f"UDP server in {name} did not start"
         yield uml
     finally:
         for s in servers:
@@ -126,6 +135,12 @@ class Remote:
     def graceful(self) -> int:
         return self.uml.call("drv.graceful")
 
+    def render(self, *services) -> str:
+        return self.uml.call("drv.render", state(*services, node_ips=(NODE_IP,)))
+
+    def metric(self, name: str) -> float | None:
+        return self.uml.call("drv.metric", name)
+
 
 def _retry(fn, attempts: int = 50, delay: float = 0.2) -> bool:
     for _ in range(attempts):
@@ -141,6 +156,46 @@ def _nc(uml, ns: str, ip: str, port: int, n: int = 1, src: str | None = None) ->
     script = f"for i in $(seq {n}); do nc -N -w 5 {s}{ip} {port} </dev/null || echo FAIL; done"
     out = uml.run(["ip", "netns", "exec", ns, "sh", "-c", script], timeout=120).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+UDP_CLIENT = """
+import socket
+from kubelab.netlab import nsutil
+with nsutil.entered("kl-ipvs-c"):
+    kl_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    kl_udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    kl_udp.bind((SRC, SPORT))
+    kl_udp.settimeout(5)
+    kl_udp.sendto(b"q\\n", (DST, DPORT))
+    try:
+        kl_answer = kl_udp.recv(200).decode().split()[0]
+    except (OSError, IndexError):
+        kl_answer = "FAIL"
+finally:
+    kl_udp.close()
+kl_answer
+"""
+
+
+def _udp(uml, ip: str, port: int, src: str, sport: int) -> str:
+    """One datagram from ``src:sport`` in the client namespace (the same 5-tuple every call): who answered, or FAIL.
+
+    Sent by the agent from a socket made in the client's namespace: it returns at the first answer
+    (a ``socat`` client waits its whole half-close timeout after every datagram).
+    """
+    return uml.python(f"SRC, SPORT, DST, DPORT = {src!r}, {sport}, {ip!r}, {port}\n" + UDP_CLIENT)
+
+
+def _conntrack(uml, vip: str) -> str:
+    """The kernel's UDP conntrack entries towards ``vip``."""
+    return uml.run(["conntrack", "-L", "-p", "udp", "--orig-dst", vip]).stdout
+
+
+def _templates(uml, client: str) -> list[list[str]]:
+    """IPVS persistence templates of ``client`` (``ipvsadm -Lnc`` rows whose source port is 0)."""
+    rows = [line.split() for line in uml.run(["ipvsadm", "-Lnc"]).stdout.splitlines()]
+    return [r for r in rows if len(r) >= 6 and r[3] == f"{client}:0"]
 
 
 def _peer(uml, ns: str, ip: str, port: int) -> tuple[str, str]:
@@ -246,6 +301,27 @@ def test_client_ip_affinity_is_a_persistent_virtual_server_with_its_timeout(lab,
     assert [t[4:] for t in templates] == [["10.96.0.13:80", f"{PODS[first[0]]}:8080"]], templates
 
 
+def test_client_ip_affinity_ends_after_its_timeout(lab, driver):
+    """UDP (its IPVS connections can be made to expire in 1 s; TCP ones linger 2 min in TIME_WAIT)."""
+    d = driver(ipvs_udp_timeout=1.0)
+    try:
+        eps = [(ip, 5353) for ip in PODS.values()]
+        d.sync(svc("aff-udp", "10.96.0.21", 53, eps, protocol="UDP", session_affinity="ClientIP", sticky_max_age_seconds=4))
+        assert "-A -u 10.96.0.21:53 -s rr -p 4" in _ipvsadm(lab)
+        client = CLIENT_IPS[2]
+        # Three flows (three source ports) within the timeout: one backend (rr alone would spread them).
+        got = [_udp(lab, "10.96.0.21", 53, client, sport) for sport in (41001, 41002, 41003)]
+        assert len(set(got)) == 1 and got[0] != "FAIL", got
+        assert [t[5] for t in _templates(lab, client)] == [f"{PODS[got[0]]}:5353"]
+        # Once the flows have expired and the template's timeout has passed, the template is gone ...
+        assert _retry(lambda: not _templates(lab, client), attempts=400, delay=0.25), lab.run(["ipvsadm", "-Lnc"]).stdout
+        # ... and the client is scheduled afresh: rr moves on to the next backend.
+        again = _udp(lab, "10.96.0.21", 53, client, 41004)
+        assert again not in ("FAIL", got[0]), (got, again, lab.run(["ipvsadm", "-Lnc"]).stdout)
+    finally:
+        lab.run(["ipvsadm", "--set", "0", "0", "300"])  # the kernel's default UDP timeout back
+
+
 # -- NodePort, Local policy, hairpin --------------------------------------------
 
 
@@ -284,37 +360,51 @@ def test_hairpin_a_pod_reaches_itself_through_its_service(lab, driver):
 
 
 def test_full_sync_repairs_what_was_changed_behind_our_back(lab, driver):
+    """Scheduler, flags, persistence, weight and an extra real server are put back; a Service edit updates them in place."""
     d = driver()
-    spec = svc("fix", "10.96.0.17", 80, _eps("p1", "p2"))
-    d.sync(spec)
+    sticky = svc(
+        "fix", "10.96.0.17", 80, _eps("p1", "p2"),
+        annotations={"ipvs.kubelab.dev/scheduler": "sh"}, session_affinity="ClientIP", sticky_max_age_seconds=600,
+    )
+
+    def block() -> list[str]:
+        return sorted(line for line in _ipvsadm(lab).splitlines() if "10.96.0.17:80" in line)
+
+    d.sync(sticky)
+    want = block()
+    head = next(line for line in want if line.startswith("-A"))
+    assert "-s sh" in head and "sh-fallback" in head and "-p 600" in head, want
     lab.sh(
-        "ipvsadm -E -t 10.96.0.17:80 -s wlc\n"
+        "ipvsadm -E -t 10.96.0.17:80 -s wlc\n"  # no -p, no -b: scheduler, flags and persistence all change
         "ipvsadm -e -t 10.96.0.17:80 -r 10.244.0.11:8080 -m -w 5\n"
         "ipvsadm -a -t 10.96.0.17:80 -r 10.244.0.13:8080 -m -w 1\n",
         check=True,
     )
-    d.sync(spec)
-    text = _ipvsadm(lab)
-    block = [line for line in text.splitlines() if "10.96.0.17:80" in line]
-    assert block == [
-        "-A -t 10.96.0.17:80 -s rr",
-        "-a -t 10.96.0.17:80 -r 10.244.0.11:8080 -m -w 1",
-        "-a -t 10.96.0.17:80 -r 10.244.0.12:8080 -m -w 1",
-    ] or sorted(block) == sorted(
+    assert "-A -t 10.96.0.17:80 -s wlc" in block()
+    d.sync(sticky)
+    assert block() == want
+    # The Service drops its annotation and affinity: a partial sync sets the virtual server, no delete + add.
+    lab.python("import socket\nkl_keep = socket.create_connection(('10.96.0.17', 80), timeout=10)\nkl_keep.recv(100)")
+    d.sync(svc("fix", "10.96.0.17", 80, _eps("p1", "p2")), full=False, updated=("default/fix",))
+    assert block() == sorted(
         [
             "-A -t 10.96.0.17:80 -s rr",
             "-a -t 10.96.0.17:80 -r 10.244.0.11:8080 -m -w 1",
             "-a -t 10.96.0.17:80 -r 10.244.0.12:8080 -m -w 1",
         ]
-    ), text
+    )
+    # The connection made before the edit is still there (a delete + add would have dropped it).
+    assert lab.python("kl_keep.sendall(b'still\\n')\nkl_keep.recv(100).decode()") == "still\n"
+    lab.python("kl_keep.close()")
 
 
 def test_graceful_termination_drains_without_resetting_established_connections(lab, driver):
-    d = driver(ipvs_graceful_termination_timeout=3.0)
+    draining = "kubeproxy_sync_proxy_rules_ipvs_graceful_termination_real_servers"
+    d = driver(ipvs_graceful_termination_timeout=600.0)
     d.sync(svc("drain", "10.96.0.18", 80, _eps("p1", "p2")))
     # A long-lived connection from the node itself (the agent), so we can talk on it later.
     lab.python(
-        "import socket\n"
+        "import socket, struct\n"
         "kl_conn = socket.create_connection(('10.96.0.18', 80), timeout=10)\n"
         "kl_first = kl_conn.recv(100).decode().split()[0]"
     )
@@ -322,22 +412,67 @@ def test_graceful_termination_drains_without_resetting_established_connections(l
     other = "p2" if victim == "p1" else "p1"
     d.sync(svc("drain", "10.96.0.18", 80, _eps(other)), full=False, updated=("default/drain",))
     assert f"-a -t 10.96.0.18:80 -r {PODS[victim]}:8080 -m -w 0" in _ipvsadm(lab)
+    assert d.graceful() == 1  # kept: its connection is open
+    assert d.metric(draining) == 1
     assert _nc(lab, "kl-ipvs-c", "10.96.0.18", 80, n=4) == [other] * 4
     # The established connection still works: the echo comes back, no reset.
     echoed = lab.python("kl_conn.sendall(b'ping\\n')\nkl_conn.recv(100).decode()")
     assert echoed == "ping\n"
-    lab.python("kl_conn.close()")
-    # Then it goes: connections gone or the 3 s timeout passed.
-    assert _retry(lambda: d.graceful() == 0, attempts=100), "draining real server was never deleted"
+    # Its connections gone, it is deleted -- long before the 600 s timeout.  (Closed with a
+    # reset: IPVS forgets a reset connection after 10 s, one in TIME_WAIT only after 2 min.)
+    lab.python("kl_conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\nkl_conn.close()")
+    assert _retry(lambda: d.graceful() == 0, attempts=150), "draining real server was never deleted"
     assert PODS[victim] not in _ipvsadm(lab)
+    assert d.metric(draining) == 0
+    # A connection that stays open holds a removed real server only until the timeout.
+    lab.python("kl_conn = socket.create_connection(('10.96.0.18', 80), timeout=10)\nkl_conn.recv(100)")
+    d.sync(svc("drain", "10.96.0.18", 80, []), full=False, updated=("default/drain",))
+    assert f"-a -t 10.96.0.18:80 -r {PODS[other]}:8080 -m -w 0" in _ipvsadm(lab)
+    assert d.graceful() == 1
+    lab.call("drv.advance", 601.0)
+    assert d.graceful() == 0
+    assert PODS[other] not in _ipvsadm(lab)
+    lab.python("kl_conn.close()")
 
 
-def test_udp_real_servers_are_removed_at_once(lab, driver):
+def test_udp_real_server_goes_at_once_with_its_conntrack_entries(lab, driver):
     d = driver()
-    d.sync(svc("dns", "10.96.0.19", 53, [(PODS["p1"], 53), (PODS["p2"], 53)], protocol="UDP"))
-    d.sync(svc("dns", "10.96.0.19", 53, [(PODS["p2"], 53)], protocol="UDP"), full=False, updated=("default/dns",))
+    d.sync(svc("dns", "10.96.0.19", 53, [(PODS["p1"], 5353), (PODS["p2"], 5353)], protocol="UDP"))
+    client, sport = CLIENT_IPS[1], 40001
+    first = _udp(lab, "10.96.0.19", 53, client, sport)
+    assert first in ("p1", "p2"), first
+    assert _udp(lab, "10.96.0.19", 53, client, sport) == first  # the same flow stays on its backend
+    assert f"src={PODS[first]} " in _conntrack(lab, "10.96.0.19")
+    other = "p2" if first == "p1" else "p1"
+    d.sync(svc("dns", "10.96.0.19", 53, [(PODS[other], 5353)], protocol="UDP"), full=False, updated=("default/dns",))
     text = _ipvsadm(lab)
-    assert f"{PODS['p1']}:53" not in text and f"{PODS['p2']}:53" in text, text
+    assert f"{PODS[first]}:5353" not in text and f"{PODS[other]}:5353" in text, text  # deleted, not drained
+    assert f"src={PODS[first]} " not in _conntrack(lab, "10.96.0.19")
+    # The flow's next datagram is scheduled anew; with its old conntrack entry left, IPVS
+    # (expire_nodest_conn) would drop it.
+    assert _udp(lab, "10.96.0.19", 53, client, sport) == other
+
+
+def test_dry_run_is_what_the_kernel_holds_in_ipvsadm_form(lab, driver):
+    d = driver()
+    services = [
+        svc("web", "10.96.0.22", 80, _eps("p1", "p2", "p3"), node_port=30083),
+        svc(
+            "sticky", "10.96.0.23", 80, _eps("p1", "p2"),
+            annotations={"ipvs.kubelab.dev/scheduler": "sh"}, session_affinity="ClientIP", sticky_max_age_seconds=1800,
+        ),
+        svc("maglev", "10.96.0.24", 80, _eps("p2", "p3"), annotations={"ipvs.kubelab.dev/scheduler": "mh"}),
+        svc("dns", "10.96.0.25", 53, [(PODS["p1"], 5353)], protocol="UDP"),
+    ]
+    d.sync(*services)
+    dry = d.render(*services)
+    section = dry.split("# IPVS virtual servers (ipvsadm -Sn)\n", 1)[1].split("\n#", 1)[0]
+    kernel = _ipvsadm(lab).splitlines()
+    assert sorted(section.splitlines()) == sorted(kernel), (section, kernel)
+    assert any("-s mh -b mh-port" in line for line in kernel) and any("-s sh -p 1800 -b sh-fallback" in line for line in kernel)
+    # The mode's gauges count what the kernel holds.
+    assert d.metric("kubeproxy_sync_proxy_rules_ipvs_virtual_servers") == sum(line.startswith("-A") for line in kernel)
+    assert d.metric("kubeproxy_sync_proxy_rules_ipvs_real_servers") == sum(line.startswith("-a") for line in kernel)
 
 
 def test_foreign_state_survives_syncs_and_cleanup(lab, driver):
@@ -354,7 +489,9 @@ def test_foreign_state_survives_syncs_and_cleanup(lab, driver):
     text = _ipvsadm(lab)
     assert "-A -t 10.99.0.1:80 -s wrr" in text and "-a -t 10.99.0.1:80 -r 10.244.0.13:8080 -m -w 3" in text
     assert f"{NODE_IP}:30082" not in text  # our stale NodePort server was removed
-    lab.python("drv.cleanup()")
+    # What a user runs: `kubelab proxy --proxy-mode ipvs --cleanup`, in the node's namespace.
+    r = lab.run(["python3", "-m", "kubelab", "proxy", "--proxy-mode", "ipvs", "--cleanup"], timeout=180)
+    assert r.returncode == 0, (r.stdout, r.stderr)
     text = _ipvsadm(lab)
     assert text.strip().splitlines() == ["-A -t 10.99.0.1:80 -s wrr", "-a -t 10.99.0.1:80 -r 10.244.0.13:8080 -m -w 3"]
     assert lab.run(["ip", "link", "show", "kube-ipvs0"]).returncode != 0
