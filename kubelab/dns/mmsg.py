@@ -160,6 +160,9 @@ class MMsgSocket:
         self._slen_stride = self.iov_stride
         self._slen_at = (per - 1) * words + _IOVec.iov_len.offset // ctypes.sizeof(ctypes.c_size_t)
         self.staged = [False] * batch
+        self._unstaged = [False] * batch
+        # Per slot, the indexes a hot loop needs: (slot, msg_len word, receive offset, answer iovec word).
+        self.slots = [(i, i * self.stride + self._len_at, i * slot, i * self.iov_stride + self.iov_at) for i in range(batch)]
         self.n = 0
 
     def recv(self) -> int:
@@ -236,9 +239,12 @@ class MMsgSocket:
     def flush(self) -> int:
         """Send every staged reply (runs of consecutive slots, one sendmmsg each); returns how many were dropped."""
         staged = self.staged
+        n = self.n
+        if staged.count(True) == n:  # the usual case: every datagram answered here, one run
+            staged[:n] = self._unstaged[:n]
+            return self._send_run(0, n) if n else 0
         dropped = 0
         i = 0
-        n = self.n
         while i < n:
             if not staged[i]:
                 i += 1

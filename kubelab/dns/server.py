@@ -593,11 +593,10 @@ class _UDPServer:
         fast = d.answer_fast
         counters = d.counters
         fam = self.family
-        rview, rmeta, stride, len_at, flags_at, slot = m.rview, m.rmeta, m.stride, m._len_at, m._flags_at, m.slot
-        iov, iov_stride, iov_at, staged = m.slen, m.iov_stride, m.iov_at, m.staged
+        rview, rmeta, slot, slots = m.rview, m.rmeta, m.slot, m.slots
+        iov, staged = m.slen, m.staged
         put = m.put
         address = mmsg.buffer_address
-        trunc = mmsg.MSG_TRUNC
         for _ in range(UDP_BATCH // MMSG_BATCH):
             try:
                 n = m.recv()
@@ -609,20 +608,20 @@ class _UDPServer:
             t = clock()
             hits = []
             observed = []
-            for i in range(n):
-                meta = i * stride
-                if rmeta[meta + flags_at] & trunc:
-                    counters.dropped += 1  # longer than any sane DNS query over UDP (slot = 4096 bytes)
+            for i, len_at, o, w in slots[:n]:
+                ln = rmeta[len_at]
+                if ln >= slot:
+                    # Filled the whole slot, so possibly cut (MSG_TRUNC): far longer
+                    # than any sane DNS query over UDP (slot = 4096 bytes).
+                    counters.dropped += 1
                     continue
-                o = i * slot
-                end = o + rmeta[meta + len_at]
+                end = o + ln
                 if use_exact:
                     # MMsgSocket.refer inlined: the answer is the query's ID (echoed from
                     # the receive slot) and the cached tail, read in place by sendmmsg.
                     # ``hits`` keeps the entry, and so the tail, alive until the flush.
                     e = get(rview[o + 2 : end].tobytes())
                     if e is not None:
-                        w = i * iov_stride + iov_at
                         iov[w] = e[6]
                         iov[w + 1] = e[7]
                         staged[i] = True
