@@ -12,8 +12,9 @@ Shaped like a small bare-metal cluster with a bridge CNI (kubenet):
 * ``kl-LAB.p.NS.POD`` -- a pod: ``eth0`` (a veth whose node end ``vpXXXXXXXXXX``
   is a port of ``cbr0`` in hairpin mode, so a pod can reach itself through
   a Service as kubenet's hairpin-veth allows), its IP from the node's pod
-  CIDR, default route via ``cbr0``; hostNetwork pods have no namespace of
-  their own and run in the node's;
+  CIDR and a MAC made from that IP (:func:`mac_for`, so a reused IP keeps
+  its MAC), default route via ``cbr0``; hostNetwork pods have no namespace
+  of their own and run in the node's;
 * ``kl-LAB.c`` -- the external client: ``eth0`` on the underlay (the
   next-to-last address), default route via the first node, so NodePorts,
   externalIPs and LoadBalancer IPs are reachable from outside the cluster.
