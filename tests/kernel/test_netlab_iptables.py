@@ -50,6 +50,7 @@ def test_example_places_web_pods_on_both_nodes(lab):
 SERVICE_CASES = [
     pytest.param("client", "http://{cluster_ip}/", "self", id="pod-to-clusterip"),
     pytest.param("client", "http://web/", "self", id="pod-to-service-name-via-cluster-dns"),
+    pytest.param("client", "http://web.default/", "self", id="pod-to-service-dot-namespace-via-search-path"),
     pytest.param("client", "http://web.default.svc.cluster.local:80/", "self", id="pod-to-service-fqdn"),
     pytest.param("external", "http://{node1}:{node_port}/", "node", id="external-to-nodeport-node1-masqueraded"),
     pytest.param("external", "http://{node2}:{node_port}/", "node", id="external-to-nodeport-node2-masqueraded"),
