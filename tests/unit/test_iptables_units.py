@@ -254,3 +254,28 @@ def test_whole_table_cache_adds_list_line_and_moves_builtin_rules_to_a_second_na
                 assert line in (WHOLE_TABLE_CACHE, "*nat", "COMMIT")
             else:
                 assert given[back - 1] == line, (n, back)
+
+
+def test_ports_of_indexes_a_snapshot_once_and_scans_other_mappings():
+    """Partial syncs find a changed service's ports through an index kept per service-map snapshot
+    (endpoint-only changes reuse it); a new snapshot is indexed afresh and a plain dict, which its
+    owner may change in place, is scanned every time."""
+    from types import MappingProxyType
+
+    from kubelab.modes.iptables.render import RenderConfig, Renderer
+
+    r = Renderer(RenderConfig())
+    a80, a53 = ServicePortName("ns", "a", "http", "TCP"), ServicePortName("ns", "a", "dns", "UDP")
+    b80 = ServicePortName("ns", "b", "http", "TCP")
+    port = ServicePort(cluster_ip="172.30.0.1", port=80)
+    snap = MappingProxyType({a80: port, b80: port})
+    assert r.ports_of(snap, {("ns", "a")}) == [a80]
+    index = r._ports_index
+    assert r.ports_of(snap, {("ns", "b"), ("ns", "gone")}) == [b80]
+    assert r._ports_index is index, "the same snapshot is not indexed again"
+    grown = MappingProxyType({a80: port, a53: port, b80: port})
+    assert sorted(r.ports_of(grown, {("ns", "a")}), key=str) == [a53, a80]
+    plain = {a80: port}
+    assert r.ports_of(plain, {("ns", "a")}) == [a80]
+    plain[a53] = port
+    assert r.ports_of(plain, {("ns", "a")}) == [a80, a53]

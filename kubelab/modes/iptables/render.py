@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from kubelab.model import Endpoint, NodeInfo, ServicePort, ServicePortName
 from kubelab.modes.iptables import chains as C
@@ -219,14 +220,17 @@ class Renderer:
     """Renders service fragments and whole syncs for one :class:`RenderConfig`.
 
     Holds only caches that depend on nothing but its inputs (probability
-    strings, per-endpoint chain names), like kube-proxy's precomputed
-    probabilities.
+    strings, per-endpoint chain names, the last service map snapshot's ports
+    by service), like kube-proxy's precomputed probabilities.
     """
 
     def __init__(self, config: RenderConfig, categorize: Categorize | None = None) -> None:
         self.config = config
         self._categorize = categorize or default_categorize()
         self._probabilities: list[str] = ["<bad value>"]
+        # (service map, its ports by (namespace, name)): partial syncs look up the
+        # changed services' ports here instead of scanning 10k names each sync.
+        self._ports_index: tuple[Mapping[ServicePortName, ServicePort], dict[tuple[str, str], list[ServicePortName]]] | None = None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -235,6 +239,28 @@ class Renderer:
         while len(probs) <= n:
             probs.append(C.compute_probability(len(probs)))
         return probs[n]
+
+    def ports_of(self, service_map: Mapping[ServicePortName, ServicePort],
+                 services: Iterable[tuple[str, str]]) -> list[ServicePortName]:
+        """The ports in ``service_map`` of these (namespace, name) services.
+
+        A snapshot (``MappingProxyType``, as the change trackers hand out: the
+        same object while no Service changed, a new one after) is indexed once
+        and the index kept until another snapshot comes: endpoint-only changes
+        -- most partial syncs -- then cost O(changed), not a pass over 10k
+        names (~4 ms).  Any other mapping (which its owner might mutate in
+        place) is scanned each time.
+        """
+        wanted = set(services)
+        if not isinstance(service_map, MappingProxyType):
+            return [n for n in service_map if (n.namespace, n.name) in wanted]
+        if self._ports_index is None or self._ports_index[0] is not service_map:
+            index: dict[tuple[str, str], list[ServicePortName]] = {}
+            for n in service_map:
+                index.setdefault((n.namespace, n.name), []).append(n)
+            self._ports_index = (service_map, index)
+        index = self._ports_index[1]
+        return [n for key in wanted for n in index.get(key, ())]
 
     # -- one service port --------------------------------------------------------
 
@@ -793,14 +819,14 @@ class Renderer:
         fails as a whole and the proxier retries with a full sync.  The result's
         ``fragments`` is a new dict (``previous`` is not modified).
         """
-        # Everything here is O(changed services) except one pass over the service
-        # names: hashing 10k ServicePortNames (dataclass __hash__) alone costs ~30 ms.
+        # Everything here is O(changed services) (see ports_of; a pass over the names
+        # would hash 10k ServicePortNames, dataclass __hash__, ~30 ms).
         updated = set(updated_services)
         if not updated:
             return replace(previous_result, text="", nat_rules_written=0, deleted_chains=[], full_sync=False,
                            services_written=0)
         pairs = {tuple(u.split("/", 1)) for u in updated}
-        changed = [n for n in service_map if (n.namespace, n.name) in pairs]
+        changed = self.ports_of(service_map, pairs)
         # Ports that went away (their service was updated or deleted): from the fragments.
         seen = set(changed)
         changed += [n for n in previous_result.by_service(pairs) if n not in seen]
