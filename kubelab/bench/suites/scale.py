@@ -135,14 +135,14 @@ class _Scale:
         labels = [(s.key, str(s)) for s in self.subjects]
         fp = self.first_packet
 
-        def series(name: str, ylabel: str, data: dict, scale: float = 1.0) -> None:
+        def series(name: str, ylabel: str, data: dict, scale: float = 1.0, log_y: bool = False) -> None:
             lines = {}
             for key, label in labels:
                 vals = [summarize([v * scale for v in data[(key, c)]]) if data.get((key, c)) else None for c in self.counts]
                 if any(vals):
                     lines[label] = vals
             if lines:
-                res.series.append(Series(SUITE, name, "Services", ylabel, x, lines))
+                res.series.append(Series(SUITE, name, "Services", ylabel, x, lines, log_y=log_y))
 
         # Absolute: every path, so the reader sees that "direct" rises with
         # the Service rules in iptables mode while the reference stays flat.
@@ -167,8 +167,10 @@ class _Scale:
             res.series.append(Series(SUITE, "first-packet latency, ratio to a reference", "Services",
                                      "through the Service / reference", x, ratio_lines, hline=1.0,
                                      hline_label="reference: pod to pod on node2 (no proxy rules)"))
-        series("full sync time", "seconds", self.full_sync)
-        series("sync after one Service changed", "ms", self.change_sync, scale=1e3)
+        # Sync times span decades (a partial IPVS sync of ms, a full UML
+        # iptables-restore of seconds): log scale.
+        series("full sync time", "seconds (log scale)", self.full_sync, log_y=True)
+        series("sync after one Service changed", "ms (log scale)", self.change_sync, scale=1e3, log_y=True)
         series("proxy memory (RSS)", "MB", self.rss)
         lo, hi = self.counts[0], self.counts[-1]
         for key, label in labels:
