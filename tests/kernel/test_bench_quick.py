@@ -7,7 +7,8 @@ the outputs are produced and sane -- never how fast anything was.
 Addresses, all inside the bench lab's own namespaces (lab ``kb<pid>-host``):
 pod CIDR 10.244.0.0/16 (node1 10.244.0.0/24 with the client pod, node2
 10.244.1.0/24 with the ref pod, the backends and the control-plane endpoints at
-10.244.1.203-250), service CIDR 10.96.0.0/12, underlay 172.18.0.0/24.
+10.244.1.203-250), service CIDR 10.96.0.0/12, underlay 172.18.0.0/24.  The dns suite test
+uses loopback (127.0.0.1) only.
 """
 
 from __future__ import annotations
@@ -121,3 +122,19 @@ def test_markdown_and_plots(bench_run, doc):
         assert f"]({name})" in md
     assert not [n for n in doc["notes"] if "not measured" in n], doc["notes"]
     assert bench_run["stdout"] == md + "\n" or bench_run["stdout"].startswith(md)
+
+
+def test_dns_suite_runs_the_dns_rooms_servers(tmp_path):
+    """The dns suite drives bench/dns_bench.py (another room's script): a change of its interface fails here."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubelab", "bench", "--suites", "dns", "--runs", "1", "--seconds", "1", "--quick",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert not [n for n in doc["notes"] if "not measured" in n], doc["notes"]
+    qps = [f for f in doc["figures"] if f["suite"] == "dns" and f["name"].startswith("queries/s")]
+    assert {f["peer"] for f in qps} == {"dnsmasq", "unbound"}
+    assert all(f["value"]["median"] > 0 and f["peer_value"]["median"] > 0 for f in qps)
+    assert (tmp_path / "dns-queries-per-second.png").read_bytes()[:4] == b"\x89PNG"

@@ -57,7 +57,9 @@ class _DNS:
         (self.tmp / "hosts").write_text("".join(f"{ip} {name}\n" for name, ip in names))
         rnd = random.Random(1)
         (self.tmp / "queries").write_text("".join(f"{rnd.choice(names)[0]} A\n" for _ in range(50000)))
-        self.servers = self.mod.start_servers(SimpleNamespace(peers=self.peers), self.tmp, names, [])
+        # The arguments dns_bench.py's start_servers reads (its argparse
+        # names): one kubelab dns with --workers 1, the installed peers.
+        self.servers = self.mod.start_servers(SimpleNamespace(peers=self.peers, workers=[1]), self.tmp, names, [])
         for who, (proc, port) in self.servers.items():
             self.mod.wait_answer(port, names[0][0], proc, who)
             self.mod.dnsperf(port, self.tmp / "queries", 1)  # warm: answers built, caches filled
