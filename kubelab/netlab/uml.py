@@ -53,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,78 +127,6 @@ DEFAULT_MODULES: tuple[str, ...] = IPVS_MODULES + NETFILTER_MODULES + LINK_MODUL
 DEFAULT_SYSCTLS: Mapping[str, str] = {"net.ipv4.ip_forward": "1"}
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-# -- hosts whose XSAVE area outgrew UML 6.1 ------------------------------------
-#
-# UML 6.1 keeps its processes' FPU state with ptrace(PTRACE_{GET,SET}REGSET,
-# NT_X86_XSTATE) in a buffer of sizeof(struct _xstate) = 832 bytes (x87/SSE +
-# AVX), fixed when Debian built it.  The host refuses PTRACE_SETREGSET unless
-# the buffer is the host's whole XSAVE size (arch/x86/kernel/fpu/regset.c,
-# xstateregs_set: EFAULT), which PKU, AVX-512 and AMX make larger: on such a
-# host UML panics at the first exec ("userspace - ptrace set fp regs failed,
-# errno = 14"; seen 2026-12-02 on a Sapphire Rapids CI machine, avx512f + pku
-# + amx_tile, whose XSAVE area is 11,072 bytes).
-#
-# UML probes once, at start, whether GETREGSET(NT_X86_XSTATE) works and
-# otherwise keeps the 512-byte FXSAVE area with PTRACE_{GET,SET}FPREGS
-# (arch/x86/um/os-Linux/registers.c, arch_init_registers), which every host
-# accepts.  A seccomp filter on the UML process fails just that request with
-# EIO.  In that mode only x87/SSE state survives a UML page fault: the fault
-# runs a host signal handler in the guest's process (the skas stub), host
-# signal delivery resets the extended state, and UML restores 512 bytes.  So
-# guest programs must not keep values in AVX registers: glibc is told not to
-# pick AVX/AVX2/AVX-512 string functions (measured: with AVX_Fast_Unaligned_Load
-# left on, memmove stays AVX and python3 dies in getpath; `ls` of a big folder
-# segfaults in the EVEX strcmp without the AVX-512 names) and OpenSSL not to
-# use AVX code paths.  Applied on every x86-64 host, so every machine runs
-# UML the same way.
-
-_SECCOMP_PROGRAM = (  # classic BPF: (code, jump if true, jump if false, k); jumps count from the next insn
-    (0x20, 0, 0, 4),  # A = seccomp_data.arch
-    (0x15, 0, 8, 0xC000003E),  # AUDIT_ARCH_X86_64, else allow
-    (0x20, 0, 0, 0),  # A = .nr
-    (0x15, 0, 6, 101),  # __NR_ptrace, else allow
-    (0x20, 0, 0, 16),  # A = .args[0] (request; low 32 bits, little-endian)
-    (0x15, 1, 0, 0x4204),  # PTRACE_GETREGSET
-    (0x15, 0, 3, 0x4205),  # PTRACE_SETREGSET, else allow
-    (0x20, 0, 0, 32),  # A = .args[2] (the regset)
-    (0x15, 0, 1, 0x202),  # NT_X86_XSTATE, else allow
-    (0x06, 0, 0, 0x00050000 | 5),  # SECCOMP_RET_ERRNO | EIO
-    (0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
-)
-#: Environment for everything inside UML when the FXSAVE-only mode is on (see above).
-FXSAVE_GUEST_ENV: Mapping[str, str] = {
-    "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,"
-    "-AVX512DQ,-AVX512CD,-FMA,-FMA4,-AVX_VNNI",
-    # CPUID.1:ECX.AVX; CPUID.7:EBX AVX2/AVX512{F,DQ,IFMA,CD,BW,VL} and ECX AVX512VBMI/VAES/VPCLMULQDQ.
-    "OPENSSL_ia32cap": "~0x1000000000000000:~0x602d0230020",
-}
-
-
-def xstate_seccomp_preexec() -> Callable[[], None]:
-    """A ``preexec_fn`` installing the filter above (inherited across exec); everything is built before the fork."""
-    import ctypes
-    import struct
-
-    code = b"".join(struct.pack("=HBBI", *insn) for insn in _SECCOMP_PROGRAM)
-    buf = ctypes.create_string_buffer(code, len(code))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    prog = SockFprog(len(_SECCOMP_PROGRAM), ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prog_ref = ctypes.byref(prog)
-
-    def install() -> None:
-        prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: required unless root
-        if prctl(22, 2, prog_ref, 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-            raise OSError(ctypes.get_errno(), "cannot install the seccomp filter UML needs on this CPU")
-
-    install.keep = (buf, prog)  # type: ignore[attr-defined]  # alive until the fork
-    return install
 
 
 class UMLError(RuntimeError):
@@ -284,9 +212,6 @@ class UMLKernel:
     :param env: extra environment for everything run inside.
     :param boot_timeout: seconds to wait for the agent to say READY.
     :param linux: the UML binary (Debian's ``user-mode-linux`` installs ``linux``).
-    :param fxsave_only: keep only the FXSAVE part of the FPU state (a seccomp
-        filter on UML plus :data:`FXSAVE_GUEST_ENV` inside); default on x86-64,
-        where UML 6.1 panics at boot otherwise on hosts with PKU/AVX-512/AMX.
     """
 
     def __init__(
@@ -301,7 +226,6 @@ class UMLKernel:
         boot_timeout: float = 120.0,
         linux: str = "linux",
         keep_workdir: bool = False,
-        fxsave_only: bool | None = None,
     ) -> None:
         self.modules = tuple(modules)
         self.sysctls = dict(sysctls)
@@ -312,7 +236,6 @@ class UMLKernel:
         self.boot_timeout = boot_timeout
         self.linux = linux
         self.keep_workdir = keep_workdir
-        self.fxsave_only = (os.uname().machine == "x86_64") if fxsave_only is None else fxsave_only
         self.workdir: Path | None = None
         self.info: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
@@ -391,7 +314,6 @@ class UMLKernel:
                 stderr=subprocess.STDOUT,
                 pass_fds=(to_uml_r, from_uml_w),
                 start_new_session=True,  # our own process group: close() kills every UML helper
-                preexec_fn=xstate_seccomp_preexec() if self.fxsave_only else None,
             )
         finally:
             console.close()
@@ -477,7 +399,6 @@ class UMLKernel:
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(REPO_ROOT),
             "KUBELAB_IN_UML": "1",
-            **(FXSAVE_GUEST_ENV if self.fxsave_only else {}),
             **self.env,
         }
         exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
@@ -569,11 +490,13 @@ poweroff -f
         except OSError:
             return ""
         if "ptrace set fp regs failed" in console:
-            # See the comment above _SECCOMP_PROGRAM.
+            # uml_xstate's LD_PRELOAD shim pads UML 6.1's XSAVE buffer to the host's
+            # size; seeing this means it was not applied (or the host changed the rule).
             return (
                 ": the host CPU's XSAVE area (PKU/AVX-512/AMX) is larger than this UML kernel "
-                "(Debian bookworm's user-mode-linux 6.1) can save (console: 'ptrace set fp regs failed, "
-                "errno = 14'); boot with fxsave_only=True (the default on x86-64)"
+                "(Debian bookworm's user-mode-linux 6.1) saves, and the kubelab.netlab.uml_xstate "
+                "LD_PRELOAD shim did not make up for it (console: 'ptrace set fp regs failed, "
+                "errno = 14'); check that the shim builds (gcc) and that LD_PRELOAD reaches `linux`"
             )
         return ""
 

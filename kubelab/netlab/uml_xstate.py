@@ -23,8 +23,13 @@ through untouched.
 
 Tried first and rejected: a seccomp filter that fails UML's start-up
 GETREGSET probe so it falls back to PTRACE_GETFPREGS (512 bytes) -- init then
-runs, but guest programs crash in glibc's EVEX string functions, whose
-AVX-512 registers that fallback does not save.
+runs, but a UML page fault then resets every register past the 512-byte
+FXSAVE area, so guest programs crash in glibc's AVX/EVEX string functions.
+Telling glibc and OpenSSL not to use AVX (``GLIBC_TUNABLES``,
+``OPENSSL_ia32cap``) made python3 and ``ls`` run again (used here for an
+hour on 2026-12-02), but any guest code with its own AVX paths stays exposed
+and guests lose their vector string functions; the shim keeps the whole
+AVX-512 state and needs neither.
 """
 
 from __future__ import annotations
