@@ -447,6 +447,9 @@ class IPTablesProxier(Dataplane):
             ).text if full else text
         # The fragments are all a partial sync needs; the text (17 MB at 10k services) goes.
         result.text = ""
+        if full:
+            # Index the service ports now (~5 ms at 10k) rather than in the first partial sync.
+            self.renderer.ports_of(state.service_map, ())
         self._result = result
         self._need_full_sync = False
         if existing is not None:
