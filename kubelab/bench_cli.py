@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for lab in labs.labs.values():
+            results.notes += list(dict.fromkeys(lab.warnings))
         labs.close()
     took = _dur(time.monotonic() - started)
     ctx.progress.finish(f"interrupted after {took}" if interrupted else f"done in {took}")
