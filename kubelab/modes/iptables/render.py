@@ -230,7 +230,8 @@ class Renderer:
         self._probabilities: list[str] = ["<bad value>"]
         # (service map, its ports by (namespace, name)): partial syncs look up the
         # changed services' ports here instead of scanning 10k names each sync.
-        self._ports_index: tuple[Mapping[ServicePortName, ServicePort], dict[tuple[str, str], list[ServicePortName]]] | None = None
+        self._ports_index: tuple[Mapping[ServicePortName, ServicePort],
+                                 dict[tuple[str, str], list[ServicePortName]]] | None = None
 
     # -- helpers -----------------------------------------------------------------
 
