@@ -217,6 +217,22 @@ class IPTables:
         """Names of every chain in ``table`` (upstream's GetChainsFromTable over iptables-save)."""
         return {line[1:].split(" ", 1)[0] for line in self.save(table).splitlines() if line.startswith(":")}
 
+    def unavailable(self) -> str | None:
+        """Why this backend cannot be used in this kernel (None when it can).
+
+        A kernel without nf_tables (UML's module set, for one) answers every
+        iptables-nft command with "Could not fetch rule set generation id"; a
+        missing binary is as final.  Nothing of ours can be programmed there.
+        """
+        try:
+            rc, out, err = self._iptables("filter", "-S", "INPUT", "1")
+        except OSError as e:
+            return f"{self._tool()}: {e}"
+        msg = (err or out).strip()
+        if rc != 0 and ("generation id" in msg or "not found" in msg or rc == 127):
+            return msg or f"{self._tool()} exited {rc}"
+        return None
+
     # -- single commands ------------------------------------------------------
 
     def chain_exists(self, table: str, chain: str) -> bool:

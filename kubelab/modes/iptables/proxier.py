@@ -587,6 +587,11 @@ class IPTablesProxier(Dataplane):
             ipt = self._iptables if (self._iptables is not None and self._iptables.backend == backend) else IPTables(
                 self.run, backend, self.ip_family
             )
+            if len(backends) > 1 and (why := ipt.unavailable()):
+                # Trying both backends, as kube-proxy's cleanup does; one this kernel
+                # lacks holds nothing of ours, so it is not a failure.
+                self.log.info("skipping cleanup on the %s backend: not usable here (%s)", backend, why)
+                continue
             errors += cleanup_leftovers(ipt, self.log)
         if errors:
             raise SyncError("cleanup incomplete: " + "; ".join(errors))
