@@ -3,7 +3,9 @@
 For every subject (a mode on a kernel) the proxy runs on node1 of the
 bench lab (:mod:`kubelab.bench.suites.labkit`) and the client pod measures,
 pair by pair, through the Service's ClusterIP and directly to the backend
-pod's IP (the 1.0 baseline), the order swapped every other pair:
+pod's IP (the 1.0 baseline, from a second client pod on node1, ``client-direct``:
+see :class:`~kubelab.bench.suites.labkit.BenchLab`), the order swapped every
+other pair:
 
 * connection setup latency, p50 and p99: sequential short TCP connections,
   each connect + one HTTP request + the answer (haproxy responding), timed
@@ -72,20 +74,21 @@ class _Session:
         backend = {"setup": "web", "short": "web", "bulk": "bulk", "udp_rate": "dns", "udp_p50": "dns"}[kind]
         host = lab.target(backend, via)
         port = PORTS[backend][1 if via == "direct" else 0]
+        pod = "client-direct" if via == "direct" else "client"  # why two pods: labkit's BenchLab
         if kind == "setup":
             n = 100 if self.subject.kernel == "uml" else 300
-            r = lab.probe("rtt", host, port, n)
+            r = lab.probe("rtt", host, port, n, pod=pod)
             us = sorted(r["us"])
             if len(us) < n * 0.9:
                 raise RuntimeError(f"{r['errors']} of {n} connections to {host}:{port} failed")
             return {"setup_p50": percentile(us, 50), "setup_p99": percentile(us, 99)}
         if kind == "short":
-            return {"short": lab.wrk(host, port, opts.seconds)}
+            return {"short": lab.wrk(host, port, opts.seconds, pod=pod)}
         if kind == "bulk":
-            return {"bulk": lab.iperf3(host, port, opts.seconds)}
+            return {"bulk": lab.iperf3(host, port, opts.seconds, pod=pod)}
         if kind == "udp_rate":
-            return {"udp_rate": lab.dnsperf(host, port, opts.seconds)}
-        r = lab.probe("udp", host, port, 100)
+            return {"udp_rate": lab.dnsperf(host, port, opts.seconds, pod=pod)}
+        r = lab.probe("udp", host, port, 100, pod=pod)
         if len(r["us"]) < 90:
             raise RuntimeError(f"{r['errors']} of 100 UDP round trips to {host}:{port} lost")
         return {"udp_p50": statistics.median(r["us"])}

@@ -133,6 +133,12 @@ class BenchLab:
         docs = [
             service_doc("web", 80, 8080), service_doc("bulk", 5201, 5201), service_doc("dns", 53, 53, "UDP"), service_doc("echo", 9000, 9000),
             pod_doc("client", "node1"),
+            # The data path's direct baseline runs from its own pod: IPVS keeps a
+            # connection entry for 2 minutes after a proxied connection closes,
+            # and a direct connection from the same client IP:port to the same
+            # backend then has its SYN-ACK rewritten to the ClusterIP (the reply
+            # matches that entry), so the client drops it and retries after 1 s.
+            pod_doc("client-direct", "node1"),
             pod_doc("ref", "node2"),
             pod_doc("web", "node2", ["haproxy", "-db", "-f", str(self.workdir / "responder.cfg")]),
             pod_doc("bulk", "node2", ["iperf3", "-s", "-p", "5201"]),
@@ -380,9 +386,9 @@ class BenchLab:
 
     # -- clients ---------------------------------------------------------
 
-    def wrk(self, host: str, port: int, seconds: float, connections: int = 16) -> float:
+    def wrk(self, host: str, port: int, seconds: float, connections: int = 16, pod: str = "client") -> float:
         """Short connections/s: wrk with ``Connection: close`` (every request a new TCP connection)."""
-        out = self.must("client", ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-H", "Connection: close",
+        out = self.must(pod, ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-H", "Connection: close",
                                    f"http://{host}:{port}/"], timeout=seconds + 60)
         m = re.search(r"Requests/sec:\s+([\d.]+)", out)
         if not m:
@@ -392,21 +398,21 @@ class BenchLab:
             raise BenchError(f"wrk got {non2xx.group(1)} bad answers from {host}:{port}")
         return float(m.group(1))
 
-    def iperf3(self, host: str, port: int, seconds: float) -> float:
+    def iperf3(self, host: str, port: int, seconds: float, pod: str = "client") -> float:
         """Bulk TCP throughput, MB/s, from iperf3's receiver side."""
-        out = self.must("client", ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"], timeout=seconds + 60)
+        out = self.must(pod, ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-J"], timeout=seconds + 60)
         data = json.loads(out)
         if "error" in data:
             raise BenchError(f"iperf3 to {host}:{port}: {data['error']}")
         end = data["end"]["sum_received"]
         return end["bytes"] / end["seconds"] / 1e6
 
-    def dnsperf(self, host: str, port: int, seconds: float, inflight: int = 10) -> float:
+    def dnsperf(self, host: str, port: int, seconds: float, inflight: int = 10, pod: str = "client") -> float:
         """UDP round trips/s: dnsperf (``inflight`` queries outstanding) to dnsmasq."""
         qfile = self.workdir / "queries.txt"
         if not qfile.exists():
             qfile.write_text("bench.test A\n")
-        out = self.must("client", ["dnsperf", "-s", host, "-p", str(port), "-d", str(qfile), "-l", f"{seconds:g}",
+        out = self.must(pod, ["dnsperf", "-s", host, "-p", str(port), "-d", str(qfile), "-l", f"{seconds:g}",
                                    "-q", str(inflight), "-c", "1", "-t", "2"], timeout=seconds + 60)
         m = re.search(r"Queries per second:\s+([\d.]+)", out)
         if not m:
