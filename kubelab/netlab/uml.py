@@ -63,6 +63,37 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+#: The host's ``vm.max_map_count`` a UML kernel needs.  UML backs each guest
+#: process's memory with host mmap()s of its physical-memory file, in runs of
+#: pages: a guest process with a few hundred MB resident (kubelab proxy
+#: holding 10,000 Services: ~420 MB) needs more than the 65,530 mappings of
+#: the kernel's default, and the guest then dies with "UML ran out of memory
+#: on the host side" (the UML iptables and ipvs points at 10,000 Services in
+#: ``kubelab bench``).  1,048,576 is the default of Ubuntu 24.04 and Fedora 39.
+MAX_MAP_COUNT = 1_048_576
+MAX_MAP_COUNT_PATH = "/proc/sys/vm/max_map_count"
+
+
+def ensure_max_map_count(minimum: int = MAX_MAP_COUNT, path: str = MAX_MAP_COUNT_PATH) -> tuple[bool, str]:
+    """Raise the host's ``vm.max_map_count`` to ``minimum`` when it is lower: (raised, what to log or "").
+
+    Only ever raised, never lowered (other software may want more).  Without
+    the right to write it (not root) the kernel still boots and small guests
+    work; the returned text says how to fix it.
+    """
+    try:
+        current = int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False, f"could not read {path}: UML guests may be limited to 65,530 host mappings"
+    if current >= minimum:
+        return False, ""
+    try:
+        Path(path).write_text(f"{minimum}\n")
+    except OSError as e:
+        return False, (f"vm.max_map_count is {current:,} and could not be raised ({e.strerror}): guest processes above "
+                f"~250 MB resident will die; run `sysctl -w vm.max_map_count={minimum}` as root")
+    return True, f"raised vm.max_map_count from {current:,} to {minimum:,} (UML maps guest memory page runs one mmap each)"
+
 #: Modules for kube-proxy's IPVS mode: every scheduler the kernel ships,
 #: conntrack/NAT for the iptables part, ipset types kube-proxy uses, and the
 #: links a lab builds (veth, dummy, bridge).
@@ -284,6 +315,9 @@ class UMLKernel:
         init.chmod(0o755)
         self._umid = f"kubelab-{os.getpid()}-{self.workdir.name.rsplit('-', 1)[-1]}"
 
+        raised, said = ensure_max_map_count()
+        if said:
+            log.log(logging.INFO if raised else logging.WARNING, "%s", said)
         # Debian's UML 6.1 cannot save the FPU state of its processes on hosts
         # whose XSAVE area is larger than it was built for (AMX): see uml_xstate.
         try:
