@@ -26,4 +26,3 @@ def test_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
         assert "apt-get install gcc" in str(e)
     else:
         raise AssertionError("expected ShimError")
-
