@@ -24,7 +24,8 @@ Suites (--suites):
             bulk throughput (iperf3), UDP round trips (dnsperf + a probe):
             through each mode's ClusterIP vs directly to the pod (= 1.0)
   scale     first-packet latency, full and partial sync time and proxy
-            memory against the number of Services
+            memory against the number of Services, and sync time and
+            memory against endpoints per Service (at 1,000 Services)
   control   network programming latency: a new endpoint written ->
             the first client connection that reaches it
   dns       dnsperf: kubelab dns vs dnsmasq (and unbound) on the same names
@@ -41,9 +42,10 @@ plot into --out.  Needs root (network namespaces)."""
 EPILOG = f"""\
 defaults:
   --quick   subjects {','.join(QUICK_SUBJECTS)}; 2 runs of 1 s; Services 100,1000;
-            under 5 minutes on a 2-core machine
+            endpoints 1,3; under 5 minutes on a 2-core machine
   full      subjects {','.join(FULL_SUBJECTS)}; 5 runs of 3 s;
-            Services 100,1000,5000,10000 (about 35 minutes; --plan prints the steps)
+            Services 100,1000,5000,10000; endpoints 1,5,10,20
+            (about 40 minutes; --plan prints the steps)
 
 examples:
   kubelab bench --quick
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of each wrk / iperf3 / dnsperf run, whole seconds (default 3, --quick 1)")
     parser.add_argument("--services", default=None, metavar="LIST",
                         help="Service counts for the scale suite (default 100,1000,5000,10000; --quick 100,1000)")
+    parser.add_argument("--endpoints", default=None, metavar="LIST",
+                        help="endpoints per Service for the scale suite's sweep, run at the largest --services count "
+                             "up to 1,000 (default 1,5,10,20; --quick 1,3; 1 alone: no sweep)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where results.json, results.md and the PNGs go (default bench/results/quick or bench/results/full)")
     parser.add_argument("--plan", action="store_true", help="print the steps and the expected duration, run nothing")
@@ -84,8 +89,14 @@ def options(args: argparse.Namespace) -> BenchOptions:
             counts = tuple(int(x) for x in _csv(args.services))
         except ValueError:
             raise ValueError(f"--services {args.services!r}: give comma-separated whole numbers, e.g. 100,1000") from None
+    endpoints = None
+    if args.endpoints is not None:
+        try:
+            endpoints = tuple(int(x) for x in _csv(args.endpoints))
+        except ValueError:
+            raise ValueError(f"--endpoints {args.endpoints!r}: give comma-separated whole numbers, e.g. 1,5,10") from None
     return BenchOptions.make(quick=args.quick, suites=_csv(args.suites), subjects=_csv(args.modes), runs=args.runs,
-                             seconds=args.seconds, scale_counts=counts)
+                             seconds=args.seconds, scale_counts=counts, scale_endpoints=endpoints)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``kubelab bench`` end to end on the host kernel: a small slice of the suites, real labs, real clients.
 
 Runs the CLI as a user would (``python -m kubelab bench --suites
-datapath,control,scale --modes iptables,userspace --runs 1``) and checks
+datapath,control,scale --modes iptables,userspace --runs 1 --services 5,20 --endpoints 1,3``) and checks
 the outputs are produced and sane -- never how fast anything was.
 
 Addresses, all inside the bench lab's own namespaces (lab ``kb<pid>-host``):
@@ -32,7 +32,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubelab", "bench", "--suites", "datapath,control,scale", "--modes", "iptables,userspace",
-         "--runs", "1", "--seconds", "1", "--services", "5,20", "--out", str(out)],
+         "--runs", "1", "--seconds", "1", "--services", "5,20", "--endpoints", "1,3", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -108,6 +108,16 @@ def test_scale_series_have_both_counts(doc, name, lines):
     assert set(s["lines"]) == lines  # userspace has no rule walk: not in the scale suite
     for values in s["lines"].values():
         assert all(v is not None and v["median"] > 0 for v in values)
+
+
+@pytest.mark.parametrize("name", ["full sync time against endpoints", "sync after one Service changed, against endpoints",
+                                  "proxy memory (RSS) against endpoints"])
+def test_scale_endpoints_sweep(bench_run, doc, name):
+    (s,) = [s for s in doc["series"] if s["suite"] == "scale" and s["name"] == name]
+    assert s["x"] == [1.0, 3.0] and s["x_label"] == "endpoints per Service (20 Services)"
+    assert all(v is not None and v["median"] > 0 for v in s["lines"]["iptables (host)"])
+    # Its extra pods were deleted before the bench went on (the 3-endpoint step says so in the log).
+    assert "back to 1 endpoint per Service in the host lab" in bench_run["stderr"]
 
 
 def test_markdown_and_plots(bench_run, doc):

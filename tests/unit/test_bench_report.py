@@ -251,3 +251,57 @@ def test_scale_curve_is_through_the_service_over_the_reference_round_by_round(tm
     paths = res.write(tmp_path)
     md = paths["results.md"].read_text()
     assert "| 10,000 | 9.00 (±0.0%, n=2) | 18.0 (±0.0%, n=2) | 3.00 (±0.0%, n=2) |" in md, md
+
+
+def test_scale_endpoints_sweep_plan_and_series(tmp_path):
+    """The endpoints sweep runs at the largest count up to 1,000, ends with its pods deleted, and plots 1..E."""
+    from kubelab.bench.suites import BenchOptions, Context, LabPool
+    from kubelab.bench.suites import scale
+    from kubelab.bench.suites.scale import _Scale, endpoints_count
+
+    assert endpoints_count([100, 1000, 5000, 10000]) == 1000
+    assert endpoints_count([5, 20]) == 20
+    assert endpoints_count([5000, 10000]) == 5000
+    opts = BenchOptions.make(quick=False, suites=("scale",), subjects=("host:iptables", "uml:ipvs"),
+                             scale_counts=(100, 1000, 5000), scale_endpoints=(10, 5))
+    assert opts.scale_endpoints == (1, 5, 10)  # 1 (the Service-count measurement) is always the base
+    ctx = Context(opts, Results(command="kubelab bench"), LabPool())
+    steps = [s.what for s in scale.plan(ctx)]
+    at_1000 = steps.index("scale: iptables (host) at 1,000 Services (sync, first packets, changes, memory)")
+    assert steps[at_1000 + 1:at_1000 + 6] == [
+        "scale: 5 endpoints per Service (1,000 Services) in the host lab",
+        "scale: iptables (host) with 5 endpoints per Service (sync, changes, memory)",
+        "scale: 10 endpoints per Service (1,000 Services) in the host lab",
+        "scale: iptables (host) with 10 endpoints per Service (sync, changes, memory)",
+        "scale: back to 1 endpoint per Service in the host lab",
+    ]
+    # The lab only grows to 5,000 after its extra pods are gone.
+    assert steps.index("scale: back to 1 endpoint per Service in the uml lab") < steps.index("scale: 5,000 Services in the uml lab")
+    assert len([s for s in steps if "endpoints per Service" in s]) == 8
+
+    sc = _Scale(ctx, list(opts.subjects))
+    for key in ("host:iptables", "uml:ipvs"):
+        sc.full_sync[(key, 1000)] = [0.3]
+        sc.change_sync[(key, 1000)] = [0.02, 0.03]
+        sc.rss[(key, 1000)] = [99.0]
+        for e in (5, 10):
+            sc.ep_full_sync[(key, e)] = [0.3 * e]
+            sc.ep_change_sync[(key, e)] = [0.02 * e]
+            sc.ep_rss[(key, e)] = [99.0 + e]
+    sc.report()
+    (full,) = [s for s in ctx.results.series if s.name == "full sync time against endpoints"]
+    assert full.x == [1.0, 5.0, 10.0] and full.x_label == "endpoints per Service (1,000 Services)"
+    assert [v.median for v in full.lines["iptables (host)"]] == pytest.approx([0.3, 1.5, 3.0])
+    (change,) = [s for s in ctx.results.series if s.name == "sync after one Service changed, against endpoints"]
+    assert [v.median for v in change.lines["ipvs (uml)"]] == pytest.approx([25.0, 100.0, 200.0])  # ms
+    paths = ctx.results.write(tmp_path)
+    assert "endpoints per Service (1,000 Services)" in paths["results.md"].read_text()
+
+
+def test_cli_endpoints_flag_errors_name_the_flag(capsys):
+    from kubelab.cli import main
+
+    assert main(["bench", "--endpoints", "1,many", "--plan"]) == 2
+    assert "--endpoints '1,many'" in capsys.readouterr().err
+    assert main(["bench", "--endpoints", "0", "--plan"]) == 2
+    assert "--endpoints needs counts from 1 to 100" in capsys.readouterr().err

@@ -72,18 +72,21 @@ class BenchOptions:
     runs: int = 5  # repetitions (pairs) per figure
     seconds: float = 3.0  # length of one wrk / iperf3 / dnsperf run
     scale_counts: tuple[int, ...] = (100, 1000, 5000, 10000)
+    scale_endpoints: tuple[int, ...] = (1, 5, 10, 20)  # endpoints per Service in the scale suite's sweep
     changes: int = 5  # control plane: endpoint changes per subject
     dns_services: int = 2000
 
     @classmethod
     def make(cls, *, quick: bool, suites: tuple[str, ...] | None = None, subjects: tuple[str, ...] | None = None,
-             runs: int | None = None, seconds: float | None = None, scale_counts: tuple[int, ...] | None = None) -> BenchOptions:
+             runs: int | None = None, seconds: float | None = None, scale_counts: tuple[int, ...] | None = None,
+             scale_endpoints: tuple[int, ...] | None = None) -> BenchOptions:
         base = cls(
             subjects=tuple(Subject.parse(s) for s in (QUICK_SUBJECTS if quick else FULL_SUBJECTS)),
             quick=quick,
             runs=2 if quick else 5,
             seconds=1.0 if quick else 3.0,
             scale_counts=(100, 1000) if quick else (100, 1000, 5000, 10000),
+            scale_endpoints=(1, 3) if quick else (1, 5, 10, 20),
             changes=2 if quick else 7,
             dns_services=1000 if quick else 2000,
         )
@@ -106,6 +109,10 @@ class BenchOptions:
             if not scale_counts or min(scale_counts) < 1:
                 raise ValueError("--services needs positive counts, e.g. 100,1000")
             base.scale_counts = tuple(sorted(set(scale_counts)))
+        if scale_endpoints is not None:
+            if not scale_endpoints or min(scale_endpoints) < 1 or max(scale_endpoints) > 100:
+                raise ValueError("--endpoints needs counts from 1 to 100 endpoints per Service, e.g. 1,5,10 (1 alone: no sweep)")
+            base.scale_endpoints = tuple(sorted(set(scale_endpoints) | {1}))
         return base
 
 

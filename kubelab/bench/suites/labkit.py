@@ -92,6 +92,15 @@ def echo_pod(name: str, app: str = "echo", node: str = "node2", ip: str = "") ->
     return pod
 
 
+def more_echo_pods(replicas: int, node: str = "node2") -> dict:
+    """Deployment ``bench/echo-more``: ``replicas`` more echo pods behind every ``app: echo`` Service, deleted at once when scaled down."""
+    template = echo_pod("x", node=node)
+    template["spec"]["terminationGracePeriodSeconds"] = 0
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo-more", "namespace": NS},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "echo"}},
+                     "template": {"metadata": {"labels": {"app": "echo"}}, "spec": template["spec"]}}}
+
+
 def scale_services(count: int, start: int = 0) -> list[dict]:
     """``count`` extra ClusterIP Services ``bench/s<i>`` over the echo pod (a Service selects pods of its own namespace)."""
     return [service_doc(f"s{i}", 9000, 9000, app="echo") for i in range(start, start + count)]
@@ -320,11 +329,20 @@ class BenchLab:
                 raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} failed {failures} syncs in a row; "
                                  f"its log:\n{self.proxy_log(6)}")
             if not self.proxy_alive():
-                raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} exited; its log:\n{self.proxy_log()}")
+                raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} exited; its log:\n{self.proxy_log()}"
+                                 + self._kernel_says())
             if time.monotonic() > deadline:
                 raise BenchError(f"kubelab proxy --proxy-mode {self.proxy.mode} did not sync within {timeout:.0f}s; "
                                  f"its log:\n{self.proxy_log()}")
             time.sleep(0.2)
+
+    def _kernel_says(self) -> str:
+        """The UML kernel's last messages (a proxy killed without a word in its log was often killed by the kernel)."""
+        if self.lab.kernel != "uml":
+            return ""
+        r = self.exec("node1", ["dmesg"], timeout=30)
+        lines = [x for x in r.stdout.splitlines() if "cbr0" not in x and "ADDRCONF" not in x and "promiscuous" not in x]
+        return "\nthe UML kernel's last messages:\n" + "\n".join("  | " + x[:300] for x in lines[-5:]) if lines else ""
 
     def _log_text(self) -> str:
         try:

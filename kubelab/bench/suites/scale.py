@@ -29,6 +29,15 @@ rule walk) takes its turn on node1:
   syncs where the mode has them, from the proxy's histograms;
 * memory: the proxy's resident set (VmRSS) after those syncs.
 
+Endpoints: at one Service count (the largest up to 1,000, see
+:func:`endpoints_count`) every Service gets more endpoints in turn
+(``--endpoints``, default 1, 5, 10, 20 per Service): the replicas of
+Deployment ``bench/echo-more`` on node2, echo pods that every scale Service
+selects, each a real pod with its own address.  Each subject then measures its full sync, its
+sync after one Service changed and its memory again, so sync time is seen
+against the number of endpoints as well as of Services.  The Deployment is scaled
+to 0 before the lab grows further.
+
 Figures: each subject's first-packet latency at the largest count as a ratio
 to the reference, and its growth from the smallest to the largest count (both
 normalised by the reference, round by round) -- iptables' linear walk against
@@ -43,10 +52,21 @@ import time
 from kubelab.bench.report import Figure, Series
 from kubelab.bench.stats import paired_ratios, summarize
 from kubelab.bench.suites import Context, Step, Subject
-from kubelab.bench.suites.labkit import probe_service, scale_services
+from kubelab.bench.suites.labkit import more_echo_pods, probe_service, scale_services
 
 SUITE = "scale"
 SYN_BATCH = 200
+
+
+def endpoints_count(counts: list[int]) -> int:
+    """The Service count at which the endpoints sweep runs: the largest up to 1,000, else the smallest.
+
+    Why not the largest: 10,000 Services x 20 endpoints is 200,000 endpoints,
+    a full iptables-restore of ~1 M lines -- minutes per subject inside UML
+    for a curve whose shape 1,000 Services already shows.
+    """
+    small = [c for c in counts if c <= 1000]
+    return max(small) if small else min(counts)
 
 
 class _Scale:
@@ -54,6 +74,13 @@ class _Scale:
         self.ctx = ctx
         self.subjects = subjects
         self.counts = list(ctx.opts.scale_counts)
+        self.ep_at = endpoints_count(self.counts)
+        self.ep_counts = sorted(set(ctx.opts.scale_endpoints) | {1})
+        self.ep_have: dict[str, int] = {}  # kernel -> endpoints per Service now (1 = just the echo pod)
+        # (subject key, endpoints per Service) -> samples, at ep_at Services
+        self.ep_full_sync: dict[tuple[str, int], list[float]] = {}
+        self.ep_change_sync: dict[tuple[str, int], list[float]] = {}
+        self.ep_rss: dict[tuple[str, int], list[float]] = {}
         self.have: dict[str, int] = {}  # kernel -> services applied so far (without the probe)
         # (path, subject key, count) -> batch p50s (µs), path one of PATHS
         self.first_packet: dict[tuple[str, str, int], list[float]] = {}
@@ -69,12 +96,14 @@ class _Scale:
         if have is None:
             docs.append(probe_service())
             have = 0
-        # Apply in slices of 100 Services: small requests to the lab daemon
-        # (one request for 10,000 would work too since the netlab room lifted
-        # the 64 KiB line limit; slices keep each reply quick).
+        # Apply in slices of 1,000 Services.  Every request rewrites the lab's
+        # whole services and EndpointSlice files, so small slices cost
+        # O(n^2): 0 -> 10,000 in slices of 100 took 5m14s inside UML, one
+        # request 12 s.  Slices of 1,000 keep each reply well inside the
+        # request's 120 s limit.
         docs += scale_services(count - have, start=have)
-        for i in range(0, len(docs), 100):
-            lab.lab.apply(docs[i:i + 100])
+        for i in range(0, len(docs), 1000):
+            lab.lab.apply(docs[i:i + 1000])
         self.have[kernel] = count
 
     def measure(self, subject: Subject, count: int) -> None:
@@ -100,12 +129,48 @@ class _Scale:
                     if len(r["us"]) < SYN_BATCH * 0.9:
                         raise RuntimeError(f"{r['errors']} of {SYN_BATCH} connects from {pod} to {host}:9000 failed")
                     self.first_packet.setdefault((via, subject.key, count), []).append(statistics.median(r["us"]))
-            for _ in range(max(2, min(3, self.ctx.opts.runs))):
-                self.change_sync.setdefault(key, []).append(self._one_change(lab, subject.kernel))
-            self.rss.setdefault(key, []).append(lab.rss_bytes() / 1e6)
+            self._changes_and_memory(lab, subject.kernel, key, self.change_sync, self.rss)
         finally:
             # Stopped (and cleaned up) now: the next count adds Services
             # with no proxy running, and nothing lingers into the next suite.
+            lab.stop_proxy()
+
+    def _changes_and_memory(self, lab, kernel: str, key: tuple, change_sync: dict, rss: dict) -> None:
+        for _ in range(max(2, min(3, self.ctx.opts.runs))):
+            change_sync.setdefault(key, []).append(self._one_change(lab, kernel))
+        rss.setdefault(key, []).append(lab.rss_bytes() / 1e6)
+
+    def set_endpoints(self, kernel: str, per_service: int) -> None:
+        """Give every scale Service ``per_service`` endpoints: the echo pod plus a Deployment of more on node2."""
+        lab = self.ctx.labs.get(kernel)
+        if self.have.get(kernel) != self.ep_at:
+            raise RuntimeError(f"the {kernel} lab does not hold {self.ep_at:,} Services (growing it failed)")
+        # One Deployment, scaled in one request each way: the lab rewrites
+        # every Service's EndpointSlice once per request, so adding and
+        # deleting pods one by one cost ~2 s each at 1,000 Services (36 s to
+        # delete 19 on the host).  Grace 0: no terminating endpoints linger
+        # into the next measurement.
+        lab.lab.apply([more_echo_pods(per_service - 1)])
+        self.ep_have[kernel] = per_service
+        pods = lab.lab.pods({"app": "echo"})
+        if len(pods) != per_service:
+            raise RuntimeError(f"{len(pods)} echo pods in the {kernel} lab, wanted {per_service}: {', '.join(pods)}")
+
+    def measure_endpoints(self, subject: Subject, per_service: int) -> None:
+        """Full sync, sync after one change and memory with ``per_service`` endpoints behind every Service."""
+        lab = self.ctx.labs.get(subject.kernel)
+        if self.ep_have.get(subject.kernel) != per_service:
+            raise RuntimeError(f"the {subject.kernel} lab does not have {per_service} endpoints per Service (adding pods failed)")
+        key = (subject.key, per_service)
+        lab.start_proxy(subject.mode, fresh=True)
+        try:
+            m = lab.metrics()
+            n_full = m.get("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 0)
+            if n_full:
+                self.ep_full_sync.setdefault(key, []).append(
+                    m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n_full)
+            self._changes_and_memory(lab, subject.kernel, key, self.ep_change_sync, self.ep_rss)
+        finally:
             lab.stop_proxy()
 
     def _one_change(self, lab, kernel: str) -> float:
@@ -172,6 +237,7 @@ class _Scale:
         series("full sync time", "seconds (log scale)", self.full_sync, log_y=True)
         series("sync after one Service changed", "ms (log scale)", self.change_sync, scale=1e3, log_y=True)
         series("proxy memory (RSS)", "MB", self.rss)
+        self._report_endpoints(labels)
         lo, hi = self.counts[0], self.counts[-1]
         for key, label in labels:
             a, b = fp.get(("service", key, hi)), fp.get(("reference", key, hi))
@@ -186,6 +252,30 @@ class _Scale:
                 res.figures.append(Figure(SUITE, f"first-packet latency growth, {lo:,} -> {hi:,} Services (each / reference)",
                                           label, "x", summarize(norm_hi), f"same at {lo:,} Services", summarize(norm_lo),
                                           paired_ratios(norm_hi, norm_lo), higher_is_better=False))
+
+    def _report_endpoints(self, labels: list[tuple[str, str]]) -> None:
+        """Sync times and memory against endpoints per Service (1 = the Service-count measurement at ep_at)."""
+        if len(self.ep_counts) < 2:
+            return
+        res = self.ctx.results
+        at = self.ep_at
+        for name, ylabel, by_count, by_ep, scale, log_y in (
+            ("full sync time against endpoints", "seconds (log scale)", self.full_sync, self.ep_full_sync, 1.0, True),
+            ("sync after one Service changed, against endpoints", "ms (log scale)", self.change_sync,
+             self.ep_change_sync, 1e3, True),
+            ("proxy memory (RSS) against endpoints", "MB", self.rss, self.ep_rss, 1.0, False),
+        ):
+            lines = {}
+            for key, label in labels:
+                vals = []
+                for e in self.ep_counts:
+                    data = by_count.get((key, at)) if e == 1 else by_ep.get((key, e))
+                    vals.append(summarize([v * scale for v in data]) if data else None)
+                if any(v is not None for v in vals[1:]):
+                    lines[label] = vals
+            if lines:
+                res.series.append(Series(SUITE, name, f"endpoints per Service ({at:,} Services)", ylabel,
+                                         [float(e) for e in self.ep_counts], lines, log_y=log_y))
 
     def _normalised(self, key: str, count: int) -> list[float]:
         """Through-the-Service batch p50 / the reference batch of the same round."""
@@ -212,8 +302,32 @@ def plan(ctx: Context) -> list[Step]:
             steps.append(Step(f"scale: {count:,} Services in the {kernel} lab", count * (0.005 if uml else 0.002),
                               lambda k=kernel, c=count: sc.grow(k, c), f"scale:grow:{kernel}"))
             for s in (x for x in subjects if x.kernel == kernel):
-                est = (25 if uml else 8) + count * (0.02 if uml else 0.005) + opts.runs * (3 if uml else 0.75)
+                # Fitted to runs on 2 cores (2026-12-02): UML 30 / 48-63 / 115-126 s
+                # at 100 / 1,000 / 10,000 Services with 3 rounds; host 8 / 7-11 / 71 s.
+                est = (20 if uml else 5) + count * (0.009 if uml else 0.006) + opts.runs * (4 if uml else 0.75)
                 steps.append(Step(f"scale: {s} at {count:,} Services (sync, first packets, changes, memory)", est,
                                   lambda s=s, c=count: sc.measure(s, c), f"scale:{s.key}:{count}"))
+            if count == sc.ep_at and len(sc.ep_counts) > 1:
+                steps += _endpoint_steps(sc, kernel, [x for x in subjects if x.kernel == kernel])
     steps.append(Step("scale: figures", 0, sc.report, "scale:report", always=True))
+    return steps
+
+
+def _endpoint_steps(sc: _Scale, kernel: str, subjects: list[Subject]) -> list[Step]:
+    """The endpoints sweep at ``sc.ep_at`` Services in one lab, ending with the extra pods deleted."""
+    uml = kernel == "uml"
+    group = f"scale:endpoints:{kernel}"
+    steps: list[Step] = []
+    for e in sc.ep_counts[1:]:
+        steps.append(Step(f"scale: {e} endpoints per Service ({sc.ep_at:,} Services) in the {kernel} lab",
+                          3 if uml else 2, lambda k=kernel, e=e: sc.set_endpoints(k, e), group))
+        for s in subjects:
+            # Measured on 2 cores at 1,000 Services x 3/5/10/20: host 9/14/18/32 s,
+            # UML 19/31-55/39-58/54-79 s.
+            est = (15 if uml else 8) + sc.ep_at * e * (0.0025 if uml else 0.0012)
+            steps.append(Step(f"scale: {s} with {e} endpoints per Service (sync, changes, memory)", est,
+                              lambda s=s, e=e: sc.measure_endpoints(s, e), group))
+    # Always: the Service counts after this one are measured with one endpoint each.
+    steps.append(Step(f"scale: back to 1 endpoint per Service in the {kernel} lab", 3 if uml else 2,
+                      lambda k=kernel: sc.set_endpoints(k, 1), group, always=True))
     return steps
