@@ -267,12 +267,12 @@ def test_scale_endpoints_sweep_plan_and_series(tmp_path):
     assert opts.scale_endpoints == (1, 5, 10)  # 1 (the Service-count measurement) is always the base
     ctx = Context(opts, Results(command="kubelab bench"), LabPool())
     steps = [s.what for s in scale.plan(ctx)]
-    at_1000 = steps.index("scale: iptables (host) at 1,000 Services (sync, first packets, changes, memory)")
+    at_1000 = steps.index("scale: iptables (host) at 1,000 Services (full sync and memory x3, first packets, changes)")
     assert steps[at_1000 + 1:at_1000 + 6] == [
         "scale: 5 endpoints per Service (1,000 Services) in the host lab",
-        "scale: iptables (host) with 5 endpoints per Service (sync, changes, memory)",
+        "scale: iptables (host) with 5 endpoints per Service (full sync and memory x3, changes)",
         "scale: 10 endpoints per Service (1,000 Services) in the host lab",
-        "scale: iptables (host) with 10 endpoints per Service (sync, changes, memory)",
+        "scale: iptables (host) with 10 endpoints per Service (full sync and memory x3, changes)",
         "scale: back to 1 endpoint per Service in the host lab",
     ]
     # The lab only grows to 5,000 after its extra pods are gone.
@@ -305,3 +305,98 @@ def test_cli_endpoints_flag_errors_name_the_flag(capsys):
     assert "--endpoints '1,many'" in capsys.readouterr().err
     assert main(["bench", "--endpoints", "0", "--plan"]) == 2
     assert "--endpoints needs counts from 1 to 100" in capsys.readouterr().err
+
+
+class _FakeBenchLab:
+    """What the scale suite asks of a BenchLab, counting fresh proxy starts (no kernel touched)."""
+
+    def __init__(self, full_syncs=(0.4, 0.5, 0.6)):
+        self.full_syncs = list(full_syncs)
+        self.starts = 0
+        self.running = False
+        self.probes = 0
+        self.changes = 0
+        self.events = []
+
+    def start_proxy(self, mode, extra_args=(), fresh=False):
+        assert fresh and not self.running
+        self.starts += 1
+        self.running = True
+        self.events.append("start")
+
+    def stop_proxy(self):
+        self.running = False
+        self.events.append("stop")
+
+    def metrics(self):
+        assert self.running
+        n = self.starts
+        return {"kubeproxy_sync_full_proxy_rules_duration_seconds_count": 1,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_sum": self.full_syncs[n - 1],
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count": self.changes,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum": 0.01 * self.changes}
+
+    def rss_bytes(self):
+        return (90 + self.starts) * 1_000_000
+
+    def service_ip(self, name):
+        return "10.96.0.10"
+
+    def pod_ip(self, name):
+        return "10.244.1.2"
+
+    def probe(self, kind, host, port, count, pod=None):
+        self.probes += 1
+        return {"us": [100.0] * count, "errors": 0}
+
+    def proxy_log(self):
+        return ""
+
+    @property
+    def lab(self):
+        fake = self
+
+        class _Lab:
+            def apply(self, docs):
+                fake.changes += 1
+                fake.events.append("change")
+
+        return _Lab()
+
+
+def test_scale_full_sync_and_memory_are_one_sample_per_fresh_start():
+    """Three fresh proxies give three full syncs and memory samples; first packets and changes run on the first only."""
+    from kubelab.bench.suites import BenchOptions, Context, LabPool, Subject
+    from kubelab.bench.suites.scale import _Scale
+
+    opts = BenchOptions.make(quick=False, suites=("scale",), subjects=("uml:ipvs",), runs=5, scale_counts=(100,))
+    fake = _FakeBenchLab()
+    pool = LabPool(labs={"uml": fake})
+    ctx = Context(opts, Results(command="kubelab bench"), pool)
+    sc = _Scale(ctx, list(opts.subjects))
+    sc.have["uml"] = 100
+    sc.measure(Subject.parse("uml:ipvs"), 100)
+    key = ("uml:ipvs", 100)
+    assert fake.starts == 3 and not fake.running
+    assert sc.full_sync[key] == pytest.approx([0.4, 0.5, 0.6])
+    assert sc.rss[key] == pytest.approx([91.0, 92.0, 93.0])
+    assert fake.probes == 5 * 3  # runs rounds of three paths, on the first start only
+    assert len(sc.change_sync[key]) == 3
+    # Every start is stopped (and cleaned up) before the next.
+    assert fake.events[:1] == ["start"] and fake.events.count("stop") == 3
+    assert fake.events.index("stop") > fake.events.index("change")
+
+
+def test_scale_missing_full_sync_metric_is_an_error_not_a_silent_gap():
+    from kubelab.bench.suites import BenchOptions, Context, LabPool, Subject
+    from kubelab.bench.suites.scale import _Scale
+
+    opts = BenchOptions.make(quick=True, suites=("scale",), subjects=("uml:ipvs",), scale_counts=(100,))
+    fake = _FakeBenchLab()
+    fake.metrics = lambda: {}
+    ctx = Context(opts, Results(command="kubelab bench"), LabPool(labs={"uml": fake}))
+    sc = _Scale(ctx, list(opts.subjects))
+    sc.have["uml"] = 100
+    with pytest.raises(RuntimeError, match="no full sync"):
+        sc.measure(Subject.parse("uml:ipvs"), 100)
+    assert not fake.running  # stopped even so

@@ -7,8 +7,10 @@ KUBE-SERVICES that a new connection's first packet walks).  At every count,
 each subject (iptables and ipvs modes; the userspace mode has no per-packet
 rule walk) takes its turn on node1:
 
-* full sync time: the proxy's first sync, from its own
-  ``kubeproxy_sync_full_proxy_rules_duration_seconds`` histogram;
+* full sync time: a new proxy process's first sync, from its own
+  ``kubeproxy_sync_full_proxy_rules_duration_seconds`` histogram, once per
+  fresh start (up to three starts, each on a kernel the last one's
+  ``--cleanup`` emptied) so the figure is a median with its spread;
 * first-packet latency: batches of sequential ``connect()`` calls (each a
   new conntrack entry, so each SYN goes through the nat table), p50 per
   batch, ``runs`` rounds of three batches in rotating order:
@@ -27,7 +29,7 @@ rule walk) takes its turn on node1:
 
 * sync after one Service changed (its port flips 9000 <-> 9001): partial
   syncs where the mode has them, from the proxy's histograms;
-* memory: the proxy's resident set (VmRSS) after those syncs.
+* memory: the proxy's resident set (VmRSS) right after each full sync.
 
 Endpoints: at one Service count (the largest up to 1,000, see
 :func:`endpoints_count`) every Service gets more endpoints in turn
@@ -111,34 +113,56 @@ class _Scale:
         if self.have.get(subject.kernel) != count:
             raise RuntimeError(f"the {subject.kernel} lab does not hold {count:,} Services (growing it failed)")
         key = (subject.key, count)
-        lab.start_proxy(subject.mode, fresh=True)
-        try:
-            m = lab.metrics()
-            n_full = m.get("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 0)
-            if n_full:
-                # The first full sync (normally the only one so far).
-                self.full_sync.setdefault(key, []).append(
-                    m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n_full)
-            probe_ip = lab.service_ip("zz-probe")
-            echo_ip = lab.pod_ip("echo")
-            paths = [("service", "client", probe_ip), ("direct", "client", echo_ip), ("reference", "ref", echo_ip)]
-            for i in range(self.ctx.opts.runs):
-                # Rotate the order every round: no path always goes first.
-                for via, pod, host in paths[i % 3:] + paths[:i % 3]:
-                    r = lab.probe("syn", host, 9000, SYN_BATCH, pod=pod)
-                    if len(r["us"]) < SYN_BATCH * 0.9:
-                        raise RuntimeError(f"{r['errors']} of {SYN_BATCH} connects from {pod} to {host}:9000 failed")
-                    self.first_packet.setdefault((via, subject.key, count), []).append(statistics.median(r["us"]))
-            self._changes_and_memory(lab, subject.kernel, key, self.change_sync, self.rss)
-        finally:
-            # Stopped (and cleaned up) now: the next count adds Services
-            # with no proxy running, and nothing lingers into the next suite.
-            lab.stop_proxy()
+        for rep in range(self.sync_runs()):
+            lab.start_proxy(subject.mode, fresh=True)
+            try:
+                self._full_sync_and_memory(lab, key, self.full_sync, self.rss)
+                if rep == 0:
+                    self._first_packets(lab, subject, count)
+                    self._changes(lab, subject.kernel, key, self.change_sync)
+            finally:
+                # Stopped (and cleaned up) now: the next start syncs from
+                # nothing again, the next count adds Services with no proxy
+                # running, and nothing lingers into the next suite.
+                lab.stop_proxy()
 
-    def _changes_and_memory(self, lab, kernel: str, key: tuple, change_sync: dict, rss: dict) -> None:
+    def sync_runs(self) -> int:
+        """Fresh proxy starts per measurement: each gives one full sync and one memory sample.
+
+        A full sync is the first sync of a new process (on a kernel the last
+        one's ``--cleanup`` emptied), so every sample costs a restart: inside
+        UML ~15 s at 1,000 Services, ~40 s at 10,000.  ``--quick`` takes one:
+        a second start per point put its plan at 5m54s, over its 5 minutes.
+        """
+        return 1 if self.ctx.opts.quick else max(1, min(3, self.ctx.opts.runs))
+
+    def _first_packets(self, lab, subject: Subject, count: int) -> None:
+        probe_ip = lab.service_ip("zz-probe")
+        echo_ip = lab.pod_ip("echo")
+        paths = [("service", "client", probe_ip), ("direct", "client", echo_ip), ("reference", "ref", echo_ip)]
+        for i in range(self.ctx.opts.runs):
+            # Rotate the order every round: no path always goes first.
+            for via, pod, host in paths[i % 3:] + paths[:i % 3]:
+                r = lab.probe("syn", host, 9000, SYN_BATCH, pod=pod)
+                if len(r["us"]) < SYN_BATCH * 0.9:
+                    raise RuntimeError(f"{r['errors']} of {SYN_BATCH} connects from {pod} to {host}:9000 failed")
+                self.first_packet.setdefault((via, subject.key, count), []).append(statistics.median(r["us"]))
+
+    @staticmethod
+    def _full_sync_and_memory(lab, key: tuple, full_sync: dict, rss: dict) -> None:
+        """The fresh proxy's first full sync (its own histogram) and its resident set right after it."""
+        m = lab.metrics()
+        n_full = m.get("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 0)
+        if not n_full:
+            raise RuntimeError(f"the proxy reports no full sync although it is synced; proxy log:\n{lab.proxy_log()}")
+        # Normally exactly one so far; a second (a retry after a failed
+        # restore) averages in, as its cost is part of getting in sync.
+        full_sync.setdefault(key, []).append(m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n_full)
+        rss.setdefault(key, []).append(lab.rss_bytes() / 1e6)
+
+    def _changes(self, lab, kernel: str, key: tuple, change_sync: dict) -> None:
         for _ in range(max(2, min(3, self.ctx.opts.runs))):
             change_sync.setdefault(key, []).append(self._one_change(lab, kernel))
-        rss.setdefault(key, []).append(lab.rss_bytes() / 1e6)
 
     def set_endpoints(self, kernel: str, per_service: int) -> None:
         """Give every scale Service ``per_service`` endpoints: the echo pod plus a Deployment of more on node2."""
@@ -162,16 +186,14 @@ class _Scale:
         if self.ep_have.get(subject.kernel) != per_service:
             raise RuntimeError(f"the {subject.kernel} lab does not have {per_service} endpoints per Service (adding pods failed)")
         key = (subject.key, per_service)
-        lab.start_proxy(subject.mode, fresh=True)
-        try:
-            m = lab.metrics()
-            n_full = m.get("kubeproxy_sync_full_proxy_rules_duration_seconds_count", 0)
-            if n_full:
-                self.ep_full_sync.setdefault(key, []).append(
-                    m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n_full)
-            self._changes_and_memory(lab, subject.kernel, key, self.ep_change_sync, self.ep_rss)
-        finally:
-            lab.stop_proxy()
+        for rep in range(self.sync_runs()):
+            lab.start_proxy(subject.mode, fresh=True)
+            try:
+                self._full_sync_and_memory(lab, key, self.ep_full_sync, self.ep_rss)
+                if rep == 0:
+                    self._changes(lab, subject.kernel, key, self.ep_change_sync)
+            finally:
+                lab.stop_proxy()
 
     def _one_change(self, lab, kernel: str) -> float:
         """Flip one Service's port; the duration of the sync that follows (seconds)."""
@@ -305,12 +327,20 @@ def plan(ctx: Context) -> list[Step]:
                 # Fitted to runs on 2 cores (2026-12-02): UML 30 / 48-63 / 115-126 s
                 # at 100 / 1,000 / 10,000 Services with 3 rounds; host 8 / 7-11 / 71 s.
                 est = (20 if uml else 5) + count * (0.009 if uml else 0.006) + opts.runs * (4 if uml else 0.75)
-                steps.append(Step(f"scale: {s} at {count:,} Services (sync, first packets, changes, memory)", est,
+                # Each further fresh start (one more full sync and memory
+                # sample): a proxy start inside UML costs ~15 s before any sync.
+                est += (sc.sync_runs() - 1) * _restart_estimate(uml, count, count)
+                steps.append(Step(f"scale: {s} at {count:,} Services (full sync and memory x{sc.sync_runs()}, first packets, changes)", est,
                                   lambda s=s, c=count: sc.measure(s, c), f"scale:{s.key}:{count}"))
             if count == sc.ep_at and len(sc.ep_counts) > 1:
                 steps += _endpoint_steps(sc, kernel, [x for x in subjects if x.kernel == kernel])
     steps.append(Step("scale: figures", 0, sc.report, "scale:report", always=True))
     return steps
+
+
+def _restart_estimate(uml: bool, services: int, endpoints: int) -> float:
+    """Seconds for one more fresh proxy start, full sync and cleanup over ``services`` with ``endpoints`` in all."""
+    return (15 if uml else 2) + services * (0.003 if uml else 0.0006) + endpoints * (0.001 if uml else 0.0001)
 
 
 def _endpoint_steps(sc: _Scale, kernel: str, subjects: list[Subject]) -> list[Step]:
@@ -325,7 +355,8 @@ def _endpoint_steps(sc: _Scale, kernel: str, subjects: list[Subject]) -> list[St
             # Measured on 2 cores at 1,000 Services x 3/5/10/20: host 9/14/18/32 s,
             # UML 19/31-55/39-58/54-79 s.
             est = (15 if uml else 8) + sc.ep_at * e * (0.0025 if uml else 0.0012)
-            steps.append(Step(f"scale: {s} with {e} endpoints per Service (sync, changes, memory)", est,
+            est += (sc.sync_runs() - 1) * _restart_estimate(uml, sc.ep_at, sc.ep_at * e)
+            steps.append(Step(f"scale: {s} with {e} endpoints per Service (full sync and memory x{sc.sync_runs()}, changes)", est,
                               lambda s=s, e=e: sc.measure_endpoints(s, e), group))
     # Always: the Service counts after this one are measured with one endpoint each.
     steps.append(Step(f"scale: back to 1 endpoint per Service in the {kernel} lab", 3 if uml else 2,
