@@ -220,7 +220,10 @@ class ProxyController(Provider):
         for key, times in ep_result.last_change_trigger_times.items():
             c.trigger_times.setdefault(key, []).extend(times)
         now = self.wall_clock()
-        full = self.need_full_sync or now - self.last_full_sync >= self.config.sync_period
+        period = self.dataplane.full_sync_period
+        if period is None:
+            period = self.config.sync_period
+        full = self.need_full_sync or now - self.last_full_sync >= period
         return SyncState(
             service_map=self.service_map.snapshot(),
             endpoints_map=self.endpoints_map.snapshot(),

@@ -84,7 +84,7 @@ class SyncState:
     ``updated_services`` / ``deleted_*`` fields describe what changed since
     the previous *successful* sync, for partial syncs and conntrack cleanup.
     When ``full_sync`` is true the mode must rewrite everything it owns
-    (first sync, every sync-period, and after any failure).
+    (first sync, after any failure, and every :attr:`Dataplane.full_sync_period`).
     """
 
     service_map: Mapping[ServicePortName, ServicePort]
@@ -117,6 +117,12 @@ class Dataplane(abc.ABC):
     """One proxy mode: turns a :class:`SyncState` into kernel state."""
 
     name: str = ""
+    # Seconds between regular full syncs (``SyncState.full_sync`` without a
+    # change that needs one); None: every ``--sync-period``, as kube-proxy's
+    # IPVS proxier, which rebuilds everything on every sync.  A mode with
+    # cheap partial syncs sets its own (the iptables proxier: kube-proxy's
+    # one-hour FullSyncPeriod, none at all in large-cluster mode).
+    full_sync_period: float | None = None
 
     @abc.abstractmethod
     async def sync_proxy_rules(self, state: SyncState) -> None:

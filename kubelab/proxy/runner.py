@@ -28,8 +28,10 @@ Where kubelab's use differs from kube-proxy's, on purpose (checked against
 * periodic run: the iptables proxier's max interval is one hour
   (``FullSyncPeriod``) and ``--sync-period`` is its retry interval and
   canary-check period; the IPVS proxier resyncs every ``--sync-period``.
-  kubelab's controller does the latter for every mode (a full sync at least
-  once per ``--sync-period``).
+  kubelab's controller runs every mode at least once per ``--sync-period``;
+  whether that run is a full sync is the mode's ``full_sync_period``
+  (iptables: one hour, as upstream, so its periodic runs are partial and,
+  with nothing changed, write nothing).
 * retry: kube-proxy retries a failed sync after ``--sync-period``; kubelab's
   controller backs off from ``--min-sync-period`` doubling up to
   ``--sync-period`` (see :mod:`kubelab.proxy.controller`), so a transient

@@ -406,3 +406,22 @@ def test_back_off_schedule(failures, expected):
     h = Harness(min_sync=1.0, sync=30.0)
     h.ctl.consecutive_failures = failures
     assert h.ctl._back_off() == expected
+
+
+@arun
+async def test_dataplane_full_sync_period_replaces_sync_period():
+    """A mode with cheap partial syncs (iptables: kube-proxy's one-hour FullSyncPeriod) gets partial periodic syncs."""
+    h = Harness()
+    h.dp.full_sync_period = 3600.0
+    try:
+        await _initial(h)
+        assert h.dp.states[-1].full_sync
+        n = len(h.dp.states)
+        await h.advance(60.0)
+        periodic = h.dp.states[n:]
+        assert periodic and not any(s.full_sync for s in periodic)  # every --sync-period, partial
+        n = len(h.dp.states)
+        await h.advance(3600.0)
+        assert [s.full_sync for s in h.dp.states[n:]].count(True) == 1  # once an hour, full
+    finally:
+        await h.stop()

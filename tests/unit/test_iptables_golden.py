@@ -731,3 +731,23 @@ def test_load_balancer_ingress_ip_mode_proxy(lb_ip, ip_mode, programmed):
     # Its NodePort and cluster IP are programmed either way.
     assert any("-d 10.20.30.41 " in r for r in rules)
     assert any("--dport 3001 " in r for r in ipt.tables.dump.chain("nat", C.KUBE_NODEPORTS).rules for r in [r.raw])
+
+
+def test_regular_full_syncs_once_an_hour_and_never_in_large_cluster_mode():
+    """kube-proxy's doFullSync: needFullSync, or FullSyncPeriod (1 h) passed and not largeClusterMode."""
+    import math
+
+    from kubelab.modes.iptables.proxier import FULL_SYNC_PERIOD
+
+    assert FULL_SYNC_PERIOD == 3600.0
+    p, _, _ = fake_proxier(sync_period=30.0)
+    assert p.full_sync_period == FULL_SYNC_PERIOD  # not --sync-period: the periodic sync is partial
+    b = StateBuilder(NODE).add(make_service("ns1", "svc1", "172.30.0.41"), make_slice("ns1", "svc1", ["10.0.0.1"]))
+    sync(p, b.state(full_sync=True))
+    assert p.full_sync_period == FULL_SYNC_PERIOD
+    # A periodic sync with nothing changed writes nothing.
+    assert sync(p, b.state()) == ""
+    many = C.LARGE_CLUSTER_ENDPOINTS_THRESHOLD + 1
+    b.add(make_slice("ns1", "svc1", [f"10.1.{i % 256}.{i // 256}" for i in range(many)]))
+    sync(p, b.state())
+    assert p.full_sync_period == math.inf

@@ -3,8 +3,11 @@
 One sync = render (``render.py``, pure) + one ``iptables-restore --noflush``
 (``kernel.py``) + housekeeping, as kube-proxy's ``syncProxyRules``:
 
-* **Full syncs** (first sync, every sync-period, after any failure, after
-  the canary chain vanished) write kube-proxy's complete rules.  One
+* **Full syncs** (first sync, then once an hour -- kube-proxy's
+  ``FullSyncPeriod``, never in large-cluster mode --, after any failure, after
+  the canary chain vanished) write kube-proxy's complete rules; the periodic
+  sync every sync-period in between is partial (nothing changed: nothing
+  written).  One
   ``iptables-save`` per table tells which jump rules from the built-in
   chains (PREROUTING/OUTPUT -> KUBE-SERVICES, ...) and canary chains are
   missing -- they join the same restore -- and which per-service chains
@@ -35,6 +38,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -97,6 +101,7 @@ KUBELET_JUMP_CHAINS = (
     JumpChain("filter", C.KUBE_FIREWALL, "OUTPUT", ""),
 )
 CANARY_TABLES = ("mangle", "nat", "filter")
+FULL_SYNC_PERIOD = 3600.0  # seconds: kube-proxy's proxyutil.FullSyncPeriod
 
 
 class SyncError(RuntimeError):
@@ -253,6 +258,20 @@ class IPTablesProxier(Dataplane):
         self._health = None
         self._last_state: SyncState | None = None
         self.stats = _SyncStats()
+
+    @property
+    def full_sync_period(self) -> float:
+        """Seconds between regular full syncs: kube-proxy's ``FullSyncPeriod`` (one hour).
+
+        In large-cluster mode (more than 1,000 endpoints after the last sync)
+        none at all, as upstream ("avoid regular full syncs for large
+        clusters"): a full sync of 10,000 Services costs 3 s on a 2-core host
+        (BENCHMARKS.md ## modes compared) and repairs nothing a partial one
+        misses, since failures and a flushed canary force one anyway.
+        """
+        if self._result is not None and self._result.large_cluster_mode:
+            return math.inf
+        return FULL_SYNC_PERIOD
 
     # ------------------------------------------------------------ kernel setup
 
