@@ -25,7 +25,9 @@ Suites (--suites):
             through each mode's ClusterIP vs directly to the pod (= 1.0)
   scale     first-packet latency, full and partial sync time and proxy
             memory against the number of Services, and sync time and
-            memory against endpoints per Service (at 1,000 Services)
+            memory against endpoints per Service (at 1,000 Services);
+            a full sync is a fresh proxy's first: 3 starts per point
+            (1 with --quick)
   control   network programming latency: a new endpoint written ->
             the first client connection that reaches it
   dns       dnsperf: kubelab dns vs dnsmasq (and unbound) on the same names
