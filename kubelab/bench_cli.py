@@ -47,7 +47,7 @@ defaults:
             endpoints 1,3; under 5 minutes on a 2-core machine
   full      subjects {','.join(FULL_SUBJECTS)}; 5 runs of 3 s;
             Services 100,1000,5000,10000; endpoints 1,5,10,20
-            (about 40 minutes; --plan prints the steps)
+            (about 58 minutes on 2 cores; --plan prints the steps)
 
 examples:
   kubelab bench --quick
