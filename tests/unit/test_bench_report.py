@@ -400,3 +400,44 @@ def test_scale_missing_full_sync_metric_is_an_error_not_a_silent_gap():
     with pytest.raises(RuntimeError, match="no full sync"):
         sc.measure(Subject.parse("uml:ipvs"), 100)
     assert not fake.running  # stopped even so
+
+
+class _ScriptedMetrics(_FakeBenchLab):
+    """Proxy metrics that change along a script, one step per scrape (the last repeats)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+
+    def metrics(self):
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+def _sync_metrics(full=(1, 2.0), partial=(0, 0.0)):
+    f, p = "kubeproxy_sync_full_proxy_rules_duration_seconds", "kubeproxy_sync_partial_proxy_rules_duration_seconds"
+    return {f + "_count": full[0], f + "_sum": full[1], p + "_count": partial[0], p + "_sum": partial[1]}
+
+
+@pytest.mark.parametrize(
+    "script,want",
+    [
+        # The change's own partial sync: 30 ms.
+        pytest.param([_sync_metrics(), _sync_metrics(), _sync_metrics(partial=(1, 0.03))], 0.03, id="partial"),
+        # A periodic full sync (10 s) already running finishes first; the partial after it carried the change.
+        pytest.param([_sync_metrics(), _sync_metrics(full=(2, 12.0)), _sync_metrics(full=(2, 12.0), partial=(1, 0.02))],
+                     0.02, id="full-in-flight-then-partial"),
+        # The full sync carried the change: no partial follows within the grace.
+        pytest.param([_sync_metrics(), _sync_metrics(full=(2, 12.0))], 10.0, id="full-carried-it"),
+    ],
+)
+def test_scale_change_sync_is_the_sync_that_carried_the_change(monkeypatch, script, want):
+    from kubelab.bench.suites import BenchOptions, Context, LabPool
+    from kubelab.bench.suites import scale
+    from kubelab.bench.suites.scale import _Scale
+
+    monkeypatch.setattr(scale, "CARRY_GRACE", 0.3)
+    opts = BenchOptions.make(quick=True, suites=("scale",), subjects=("uml:ipvs",), scale_counts=(100,))
+    fake = _ScriptedMetrics(script)
+    sc = _Scale(Context(opts, Results(command="kubelab bench"), LabPool(labs={"uml": fake})), list(opts.subjects))
+    assert sc._one_change(fake, "uml") == pytest.approx(want)
+    assert fake.changes == 1
