@@ -119,13 +119,20 @@ class _Scale:
         if self.have.get(subject.kernel) != count:
             raise RuntimeError(f"the {subject.kernel} lab does not hold {count:,} Services (growing it failed)")
         key = (subject.key, count)
+        def first_start() -> None:
+            self._first_packets(lab, subject, count)
+            self._changes(lab, subject.kernel, key, self.change_sync)
+
+        self._fresh_starts(lab, subject, key, self.full_sync, self.rss, first_start)
+
+    def _fresh_starts(self, lab, subject: Subject, key: tuple, full_sync: dict, rss: dict, first_start) -> None:
+        """:meth:`sync_runs` fresh proxies, each giving a full sync and memory sample; ``first_start()`` runs on the first."""
         for rep in range(self.sync_runs()):
             lab.start_proxy(subject.mode, fresh=True)
             try:
-                self._full_sync_and_memory(lab, key, self.full_sync, self.rss)
+                self._full_sync_and_memory(lab, key, full_sync, rss)
                 if rep == 0:
-                    self._first_packets(lab, subject, count)
-                    self._changes(lab, subject.kernel, key, self.change_sync)
+                    first_start()
             finally:
                 # Stopped (and cleaned up) now: the next start syncs from
                 # nothing again, the next count adds Services with no proxy
@@ -192,14 +199,8 @@ class _Scale:
         if self.ep_have.get(subject.kernel) != per_service:
             raise RuntimeError(f"the {subject.kernel} lab does not have {per_service} endpoints per Service (adding pods failed)")
         key = (subject.key, per_service)
-        for rep in range(self.sync_runs()):
-            lab.start_proxy(subject.mode, fresh=True)
-            try:
-                self._full_sync_and_memory(lab, key, self.ep_full_sync, self.ep_rss)
-                if rep == 0:
-                    self._changes(lab, subject.kernel, key, self.ep_change_sync)
-            finally:
-                lab.stop_proxy()
+        self._fresh_starts(lab, subject, key, self.ep_full_sync, self.ep_rss,
+                           lambda: self._changes(lab, subject.kernel, key, self.ep_change_sync))
 
     def _one_change(self, lab, kernel: str) -> float:
         """Flip one Service's port; the duration of the sync that carried the change (seconds).
